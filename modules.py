@@ -1,0 +1,400 @@
+"""Models: a VQ-VAE that turns 256×256 slices into a 32×32 grid of code indices, and a gated
+PixelCNN prior over that grid. Plain nn.Modules: no I/O, no training loop."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# VQ-VAE
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1
+    hidden: tuple[int, ...] = (16, 32, 64)  # channels after each stride-2 stage: 256 → 128 → 64 → 32
+    n_res_blocks: int = 2
+    embedding_dim: int = 64  # D
+    n_codes: int = 512  # K
+    beta: float = 0.25  # weight of the commitment loss
+    ema: bool = True  # EMA codebook updates instead of the gradient codebook loss
+    ema_decay: float = 0.99
+    dead_code_steps: int = 50  # a code unused for this many training steps is re-seeded
+    norm_groups: int = 8
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(self.hidden)
+        if len(self.hidden) != 3:
+            raise ValueError(f"hidden needs three stage widths (8× downsampling), got {self.hidden}")
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** len(self.hidden)
+
+
+class QuantiserOutput(NamedTuple):
+    quantised: torch.Tensor  # (B, D, H, W), straight-through: gradients flow to the encoder
+    indices: torch.Tensor  # (B, H, W) int64
+    loss: torch.Tensor  # codebook + β·commitment
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VectorQuantiser(nn.Module):
+    """Nearest-neighbour codebook lookup with a straight-through gradient.
+
+    With `ema=True` the codebook follows exponential moving averages of the encoder outputs
+    assigned to each code (van den Oord et al. 2017, appendix); otherwise it is a parameter
+    trained by the codebook loss. Either way the codebook is first filled with encoder outputs
+    and codes unused for `dead_code_steps` training steps are re-seeded from recent outputs.
+    All distance and update maths run in fp32, also under autocast.
+    """
+
+    def __init__(self, n_codes: int, dim: int, beta: float = 0.25, ema: bool = True,
+                 decay: float = 0.99, dead_code_steps: int = 50, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.n_codes, self.dim, self.beta = n_codes, dim, beta
+        self.ema, self.decay, self.dead_code_steps, self.eps = ema, decay, dead_code_steps, eps
+        codebook = torch.randn(n_codes, dim) / math.sqrt(dim)
+        if ema:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("ema_count", torch.ones(n_codes))
+            self.register_buffer("ema_sum", codebook.clone())
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("steps_unused", torch.zeros(n_codes, dtype=torch.long))
+
+    def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) → (N,) index of the nearest code by Euclidean distance."""
+        codebook = self.codebook.detach().float()
+        # ‖z‖² − 2 z·e + ‖e‖²; ‖z‖² is the same for every code, so it is left out of the argmin.
+        distances = codebook.pow(2).sum(1) - 2 * flat.float() @ codebook.t()
+        return distances.argmin(dim=1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) indices → (B, D, H, W) code vectors."""
+        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> QuantiserOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._quantise(z.float())
+
+    def _quantise(self, z: torch.Tensor) -> QuantiserOutput:
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B·H·W, D)
+        if self.training:
+            self._initialise_from(flat)
+        indices = self.nearest_code(flat)
+        if self.training:
+            self._update_codebook(flat.detach(), indices)
+        chosen = F.embedding(indices, self.codebook).view(b, h, w, d).permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(chosen, z.detach())
+        commitment_loss = F.mse_loss(z, chosen.detach())
+        loss = commitment_loss * self.beta + (0 if self.ema else codebook_loss)
+        quantised = z + (chosen - z).detach()
+        return QuantiserOutput(quantised, indices.view(b, h, w), loss,
+                               codebook_loss.detach(), commitment_loss.detach())
+
+    @torch.no_grad()
+    def _initialise_from(self, flat: torch.Tensor) -> None:
+        if bool(self.initialised):
+            return
+        self.codebook.data.copy_(_broadcast(_random_rows(flat, self.n_codes)))
+        if self.ema:
+            self.ema_sum.copy_(self.codebook)
+            self.ema_count.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        one_hot = F.one_hot(indices, self.n_codes).type_as(flat)  # (N, K)
+        counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
+        counts, sums = _all_reduce_sum(counts), _all_reduce_sum(sums)
+        if self.ema:
+            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            total = self.ema_count.sum()
+            # Laplace smoothing keeps rarely used codes from dividing by ~0.
+            smoothed = (self.ema_count + self.eps) / (total + self.n_codes * self.eps) * total
+            self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        self._restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        dead = self.steps_unused >= self.dead_code_steps
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        fresh = _broadcast(_random_rows(flat, n_dead))
+        self.codebook.data[dead] = fresh
+        if self.ema:
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+        self.steps_unused[dead] = 0
+
+
+def _random_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows of `flat` drawn without replacement where there are enough, else with."""
+    if flat.shape[0] >= n:
+        return flat[torch.randperm(flat.shape[0], device=flat.device)[:n]]
+    return flat[torch.randint(flat.shape[0], (n,), device=flat.device)]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank, so replicas keep identical codebooks."""
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _down(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
+                         nn.GroupNorm(groups, c_out), nn.ReLU())
+
+
+def _up(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                         nn.GroupNorm(groups, c_out), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """(B, 1, 256, 256) → (B, D, 32, 32)."""
+
+    def __init__(self, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.hidden
+        g = cfg.norm_groups
+        self.net = nn.Sequential(
+            _down(cfg.in_channels, c1, g), _down(c1, c2, g), _down(c2, c3, g),
+            *[ResidualBlock(c3, g) for _ in range(cfg.n_res_blocks)],
+            nn.GroupNorm(g, c3), nn.ReLU(),
+            nn.Conv2d(c3, cfg.embedding_dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, D, 32, 32) → (B, 1, 256, 256), mirroring the encoder with transposed convolutions."""
+
+    def __init__(self, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.hidden
+        g = cfg.norm_groups
+        self.net = nn.Sequential(
+            nn.Conv2d(cfg.embedding_dim, c3, 3, padding=1),
+            *[ResidualBlock(c3, g) for _ in range(cfg.n_res_blocks)],
+            nn.GroupNorm(g, c3), nn.ReLU(),
+            _up(c3, c2, g), _up(c2, c1, g),
+            nn.ConvTranspose2d(c1, cfg.in_channels, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAEOutput(NamedTuple):
+    reconstruction: torch.Tensor  # (B, 1, 256, 256)
+    indices: torch.Tensor  # (B, 32, 32)
+    vq_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQVAEConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or VQVAEConfig()
+        self.encoder = Encoder(self.cfg)
+        self.quantiser = VectorQuantiser(
+            self.cfg.n_codes, self.cfg.embedding_dim, self.cfg.beta, self.cfg.ema,
+            self.cfg.ema_decay, self.cfg.dead_code_steps)
+        self.decoder = Decoder(self.cfg)
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        q = self.quantiser(self.encoder(x))
+        return VQVAEOutput(self.decoder(q.quantised), q.indices, q.loss,
+                           q.codebook_loss, q.commitment_loss)
+
+    @torch.no_grad()
+    def image_to_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 256, 256) normalised images → (B, 32, 32) code indices."""
+        z = self.encoder(x)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return self.quantiser.nearest_code(flat).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 32, 32) → (B, D, 32, 32) quantised latents."""
+        return self.quantiser.lookup(indices)
+
+    @torch.no_grad()
+    def indices_to_image(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 32, 32) → (B, 1, 256, 256) decoded images (normalised space)."""
+        return self.decoder(self.indices_to_latents(indices))
+
+
+# --------------------------------------------------------------------------------------------
+# Gated PixelCNN prior over the index grid
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PriorConfig:
+    n_codes: int = 512  # K, must match the VQ-VAE
+    channels: int = 64
+    kernel_size: int = 3
+    # One gated layer per entry. Doubling dilations let the last site see the whole 32×32 grid
+    # (vertical reach = Σ dilation·(k//2) = 32 rows), the dilation-1 layers keep coverage gap-free.
+    dilations: tuple[int, ...] = field(default_factory=lambda: (1, 2, 4, 8, 1, 2, 4, 8, 1, 1))
+
+    def __post_init__(self) -> None:
+        self.dilations = tuple(self.dilations)
+        if self.kernel_size % 2 == 0 or self.kernel_size < 3:
+            raise ValueError(f"kernel_size must be odd and ≥ 3, got {self.kernel_size}")
+
+
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def shift_down(x: torch.Tensor) -> torch.Tensor:
+    """Row r receives row r−1 (row 0 receives zeros)."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """Column c receives column c−1 (column 0 receives zeros)."""
+    return F.pad(x, (1, 0))[:, :, :, :-1]
+
+
+class GatedLayer(nn.Module):
+    """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot.
+
+    The vertical stack at row r sees rows ≤ r; it reaches the horizontal stack shifted one row
+    down, so the horizontal stack at (r, c) sees rows < r plus row r at columns ≤ c. In the
+    first layer the horizontal input is shifted one column right, so the site itself is never
+    seen; later layers only see features that already exclude it.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int, first: bool) -> None:
+        super().__init__()
+        self.first, self.dilation = first, dilation
+        self.half = kernel_size // 2
+        c = channels
+        self.v_conv = nn.Conv2d(c, 2 * c, (self.half + 1, kernel_size), dilation=dilation)
+        self.h_conv = nn.Conv2d(c, 2 * c, (1, self.half + 1), dilation=dilation)
+        self.v_to_h = nn.Conv2d(2 * c, 2 * c, 1)
+        self.h_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reach = self.half * self.dilation
+        v_pre = self.v_conv(F.pad(v, (reach, reach, reach, 0)))  # (B, 2C, H, W), rows ≤ r
+        h_in = shift_right(h) if self.first else h
+        h_pre = self.h_conv(F.pad(h_in, (reach, 0, 0, 0))) + self.v_to_h(shift_down(v_pre))
+        h_new = self.h_out(_gate(h_pre))
+        return _gate(v_pre), h_new if self.first else h + h_new
+
+
+class PixelCNN(nn.Module):
+    """Autoregressive prior p(indices) = Π p(i_rc | earlier sites in raster order)."""
+
+    def __init__(self, cfg: PriorConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or PriorConfig()
+        c = self.cfg.channels
+        self.embedding = nn.Embedding(self.cfg.n_codes, c)
+        self.layers = nn.ModuleList(
+            GatedLayer(c, self.cfg.kernel_size, d, first=i == 0)
+            for i, d in enumerate(self.cfg.dilations))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 1), nn.ReLU(),
+                                  nn.Conv2d(2 * c, self.cfg.n_codes, 1))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) indices → (B, K, H, W) logits; the logits at a site see earlier sites only."""
+        x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
+        v, h = x, x
+        for layer in self.layers:
+            v, h = layer(v, h)
+        return self.head(h)
+
+    def bits_per_index(self, indices: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood in bits per index (the training loss)."""
+        return F.cross_entropy(self(indices), indices) / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, indices: torch.Tensor, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fill every −1 in `indices` (B, H, W) by ancestral sampling in raster order.
+
+        Entries that are not −1 are kept as given. The naive reference sampler: one forward
+        pass (over the rows so far) per generated site.
+        """
+        out = _check_sample_input(indices, self.cfg.n_codes)
+        for r, c in _sites_to_fill(out):
+            logits = self(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # (B, K)
+            _fill_site(out, r, c, logits, temperature, generator)
+        return out
+
+
+def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
+    if indices.dim() != 3:
+        raise ValueError(f"indices must be (B, H, W), got shape {tuple(indices.shape)}")
+    bad = (indices < -1) | (indices >= n_codes)
+    if bad.any():
+        raise ValueError(f"indices must be -1 (to generate) or in [0, {n_codes}), "
+                         f"found {indices[bad][0].item()}")
+    return indices.clone().long()
+
+
+def _sites_to_fill(indices: torch.Tensor) -> list[tuple[int, int]]:
+    """Raster-order sites where at least one batch item has −1."""
+    rows, cols = torch.nonzero((indices == -1).any(dim=0), as_tuple=True)
+    return list(zip(rows.tolist(), cols.tolist()))
+
+
+def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperature: float,
+               generator: torch.Generator | None) -> None:
+    """Sample the site (r, c) for the batch items where it is −1, by inverse-CDF sampling.
+
+    One uniform per batch item is drawn whether or not it is used, so any two samplers that
+    visit sites in the same order consume the generator identically.
+    """
+    probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, K)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64,
+                   device=probs.device)
+    cdf = probs.cumsum(-1)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=probs.shape[1] - 1).squeeze(1)
+    missing = out[:, r, c] == -1
+    out[missing, r, c] = drawn[missing]

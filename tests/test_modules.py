@@ -1,0 +1,125 @@
+import torch
+
+from modules import VQVAE, PixelCNN, PriorConfig, VectorQuantiser, VQVAEConfig
+
+SMALL_VQ = VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32)
+
+
+def test_vqvae_shapes_and_entry_points():
+    model = VQVAE(SMALL_VQ).eval()
+    x = torch.randn(2, 1, 256, 256)
+    out = model(x)
+    assert out.reconstruction.shape == (2, 1, 256, 256)
+    assert out.indices.shape == (2, 32, 32)
+    indices = model.image_to_indices(x)
+    assert torch.equal(indices, out.indices)
+    assert model.indices_to_latents(indices).shape == (2, 8, 32, 32)
+    assert torch.allclose(model.indices_to_image(indices), out.reconstruction, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_encoder():
+    for ema in (True, False):
+        torch.manual_seed(0)
+        model = VQVAE(VQVAEConfig(**{**SMALL_VQ.__dict__, "ema": ema}))
+        out = model(torch.randn(2, 1, 256, 256))
+        (out.reconstruction.pow(2).mean()).backward()
+        first_conv = model.encoder.net[0][0]
+        assert first_conv.weight.grad is not None
+        assert first_conv.weight.grad.abs().sum() > 0
+
+
+def test_gradient_codebook_gets_codebook_loss_gradient():
+    model = VQVAE(VQVAEConfig(**{**SMALL_VQ.__dict__, "ema": False}))
+    model(torch.randn(2, 1, 256, 256)).vq_loss.backward()
+    assert model.quantiser.codebook.grad.abs().sum() > 0
+
+
+def test_quantiser_picks_true_nearest_code():
+    torch.manual_seed(0)
+    q = VectorQuantiser(n_codes=64, dim=5).eval()
+    z = torch.randn(3, 5, 7, 6)
+    out = q(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    brute = torch.stack([((q.codebook - v) ** 2).sum(1).argmin() for v in flat])
+    assert torch.equal(out.indices.flatten(), brute)
+    assert torch.allclose(out.quantised, q.lookup(out.indices), atol=1e-6)
+
+
+def test_quantiser_runs_in_fp32_under_autocast():
+    q = VectorQuantiser(n_codes=16, dim=4).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(torch.randn(1, 4, 3, 3).bfloat16())
+    assert out.quantised.dtype == torch.float32
+
+
+def test_ema_codebook_moves_towards_assigned_vectors_and_restarts_dead_codes():
+    torch.manual_seed(0)
+    q = VectorQuantiser(n_codes=8, dim=2, decay=0.5, dead_code_steps=2).train()
+    z = torch.randn(1, 2, 4, 4) + 10.0
+    q(z)  # first call seeds the codebook from the encoder outputs
+    assert bool(q.initialised)
+    assert (q.codebook - 10).abs().max() < 5
+    q.codebook[0] = torch.tensor([-100.0, -100.0])  # never chosen: dead after 2 steps
+    q(z)
+    q(z)
+    assert (q.codebook[0] - 10).abs().max() < 5
+
+
+def _logits_at(model, indices, r, c):
+    return model(indices)[0, :, r, c]
+
+
+def test_pixelcnn_causal_and_no_blind_spot():
+    torch.manual_seed(0)
+    size, k = 8, 16
+    model = PixelCNN(PriorConfig(n_codes=k, channels=16, dilations=(1, 2, 1, 2, 1, 1))).eval()
+    indices = torch.randint(k, (1, size, size))
+    for r, c in [(0, 0), (3, 5), (5, 0), (7, 7)]:
+        base = _logits_at(model, indices, r, c)
+        for rr in range(size):
+            for cc in range(size):
+                changed = indices.clone()
+                changed[0, rr, cc] = (changed[0, rr, cc] + 1) % k
+                moved = not torch.allclose(_logits_at(model, changed, r, c), base, atol=1e-6)
+                earlier = (rr, cc) < (r, c)
+                assert moved == earlier, f"site {(r, c)} vs {(rr, cc)}"
+
+
+def test_default_prior_sees_the_whole_grid():
+    """The last site of a 32×32 grid depends on the first one (receptive field covers it)."""
+    # float64: at initialisation the influence across 31 rows is ~1e-9, below float32 noise.
+    model = PixelCNN(PriorConfig(n_codes=16)).eval().double()
+    indices = torch.zeros(1, 32, 32, dtype=torch.long)
+    changed = indices.clone()
+    changed[0, 0, 0] = 5
+    assert (model(indices)[0, :, 31, 31] != model(changed)[0, :, 31, 31]).any()
+
+
+def test_sample_keeps_given_indices_and_fills_the_rest():
+    torch.manual_seed(0)
+    k = 16
+    model = PixelCNN(PriorConfig(n_codes=k, channels=8, dilations=(1, 2))).eval()
+    given = torch.randint(k, (3, 6, 6))
+    masked = given.clone()
+    masked[:, 3:] = -1
+    masked[1, 0, 2] = -1
+    out = model.sample(masked, generator=torch.Generator().manual_seed(1))
+    keep = masked != -1
+    assert torch.equal(out[keep], given[keep])
+    assert ((out >= 0) & (out < k)).all()
+
+
+def test_sample_is_reproducible_with_a_seeded_generator():
+    model = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2))).eval()
+    grid = torch.full((2, 5, 5), -1)
+    a = model.sample(grid, generator=torch.Generator().manual_seed(3))
+    b = model.sample(grid, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_bits_per_index_of_uniform_prior_is_log2_k():
+    model = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1,)))
+    for p in model.head[-1].parameters():
+        torch.nn.init.zeros_(p)
+    bits = model.bits_per_index(torch.randint(16, (2, 4, 4)))
+    assert abs(bits.item() - 4.0) < 1e-5
