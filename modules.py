@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 # --------------------------------------------------------------------------------------------
@@ -18,20 +18,20 @@ import torch.nn.functional as F
 @dataclass
 class VQVAEConfig:
     in_channels: int = 1
-    hidden: tuple[int, ...] = (16, 32, 64)  # channels after each stride-2 stage: 256 → 128 → 64 → 32
+    hidden: tuple[int, ...] = (16, 32, 64)  # widths after each stride-2 stage: 256→128→64→32
     n_res_blocks: int = 2
     embedding_dim: int = 64  # D
     n_codes: int = 512  # K
     beta: float = 0.25  # weight of the commitment loss
     ema: bool = True  # EMA codebook updates instead of the gradient codebook loss
     ema_decay: float = 0.99
-    dead_code_steps: int = 50  # a code unused for this many training steps is re-seeded
+    dead_code_steps: int = 20  # a code unused for this many training steps is re-seeded
     norm_groups: int = 8
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
         if len(self.hidden) != 3:
-            raise ValueError(f"hidden needs three stage widths (8× downsampling), got {self.hidden}")
+            raise ValueError(f"hidden needs three widths (8× downsampling), got {self.hidden}")
 
     @property
     def downsampling(self) -> int:
@@ -125,15 +125,20 @@ class VectorQuantiser(nn.Module):
             smoothed = (self.ema_count + self.eps) / (total + self.n_codes * self.eps) * total
             self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
-        self._restart_dead_codes(flat)
+        self._restart_dead_codes(flat, indices)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        """Re-seed dead codes from this batch's encoder outputs, drawn with probability
+        proportional to their quantisation error (k-means++ style): the flat black background
+        would otherwise supply most of the picks and the new codes would die again."""
         dead = self.steps_unused >= self.dead_code_steps
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        fresh = _broadcast(_random_rows(flat, n_dead))
+        error = (flat - self.codebook[indices]).pow(2).sum(1) + 1e-12
+        picks = torch.multinomial(error, n_dead, replacement=error.numel() < n_dead)
+        fresh = _broadcast(flat[picks])
         self.codebook.data[dead] = fresh
         if self.ema:
             self.ema_sum[dead] = fresh
@@ -318,13 +323,29 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * c, 2 * c, 1)
         self.h_out = nn.Conv2d(c, c, 1)
 
+    @property
+    def reach(self) -> int:
+        return self.half * self.dilation
+
+    @property
+    def h_pad(self) -> int:
+        """Zero columns left of the horizontal input (one more in the first layer: the shift)."""
+        return self.reach + int(self.first)
+
     def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        reach = self.half * self.dilation
-        v_pre = self.v_conv(F.pad(v, (reach, reach, reach, 0)))  # (B, 2C, H, W), rows ≤ r
-        h_in = shift_right(h) if self.first else h
-        h_pre = self.h_conv(F.pad(h_in, (reach, 0, 0, 0))) + self.v_to_h(shift_down(v_pre))
-        h_new = self.h_out(_gate(h_pre))
-        return _gate(v_pre), h_new if self.first else h + h_new
+        v_pre = self.vertical(F.pad(v, (self.reach, self.reach, self.reach, 0)))
+        h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
+        return _gate(v_pre), self.horizontal(h_pre, shift_down(v_pre), h)
+
+    def vertical(self, v_padded: torch.Tensor) -> torch.Tensor:
+        """Vertical pre-activations (B, 2C, rows, W) from input padded above and at the sides."""
+        return self.v_conv(v_padded)
+
+    def horizontal(self, h_pre: torch.Tensor, v_pre_above: torch.Tensor,
+                   h: torch.Tensor) -> torch.Tensor:
+        """New horizontal stack from its own conv, the vertical stack one row up and the input."""
+        h_new = self.h_out(_gate(h_pre + self.v_to_h(v_pre_above)))
+        return h_new if self.first else h + h_new
 
 
 class PixelCNN(nn.Module):
@@ -355,17 +376,104 @@ class PixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, indices: torch.Tensor, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, method: str = "fast") -> torch.Tensor:
         """Fill every −1 in `indices` (B, H, W) by ancestral sampling in raster order.
 
-        Entries that are not −1 are kept as given. The naive reference sampler: one forward
-        pass (over the rows so far) per generated site.
+        Entries that are not −1 are kept as given (full generation: all −1; inpainting: some).
+        `method="fast"` caches every layer's states and computes each site once;
+        `method="naive"` is the reference: one forward pass per generated site. With the same
+        generator state both return the same grids.
         """
         out = _check_sample_input(indices, self.cfg.n_codes)
+        if method == "naive":
+            return self._sample_naive(out, temperature, generator)
+        if method == "fast":
+            return self._sample_cached(out, temperature, generator)[0]
+        raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+
+    def _sample_naive(self, out: torch.Tensor, temperature: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
         for r, c in _sites_to_fill(out):
-            logits = self(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # (B, K)
+            logits = self(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # rows > r cannot matter
             _fill_site(out, r, c, logits, temperature, generator)
         return out
+
+    def _sample_cached(self, out: torch.Tensor, temperature: float,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached ancestral sampling. Returns the grid and the logits (B, K, H, W) used at the
+        sampled sites (NaN elsewhere), for checking against a full forward pass."""
+        b, height, width = out.shape
+        logits_used = torch.full((b, self.cfg.n_codes, height, width), float("nan"),
+                                 device=out.device)
+        to_fill = set(_sites_to_fill(out))
+        if not to_fill:
+            return out, logits_used
+        cache = _SamplingCache(self, out)
+        first = min(to_fill)
+        for r in range(first[0], height):
+            if r > 0 and r - 1 >= first[0]:
+                cache.update_vertical_row(r - 1)
+            for c in range(first[1] if r == first[0] else 0, width):
+                h = cache.update_horizontal_site(r, c)  # (B, C, 1, 1)
+                if (r, c) in to_fill:
+                    logits = self.head(h)[:, :, 0, 0]
+                    logits_used[:, :, r, c] = logits
+                    _fill_site(out, r, c, logits, temperature, generator)
+                    cache.set_site(r, c, out[:, r, c])
+        return out, logits_used
+
+
+class _SamplingCache:
+    """Every layer's vertical and horizontal inputs and vertical pre-activations for one grid,
+    kept padded so that the window a layer reads for a site is a plain slice.
+
+    Before the first site to fill, everything comes from one full forward pass; from there on
+    a site's horizontal states are recomputed in raster order, and a row's vertical states
+    once that row is final.
+    """
+
+    def __init__(self, model: PixelCNN, grid: torch.Tensor) -> None:
+        self.model, self.layers = model, list(model.layers)
+        x = model.embedding(grid.clamp(min=0)).permute(0, 3, 1, 2)  # (B, C, H, W)
+        self.v_in, self.h_in, self.v_pre = [], [], []
+        v, h = x, x
+        for layer in self.layers:
+            self.v_in.append(F.pad(v, (layer.reach, layer.reach, layer.reach, 0)))
+            self.h_in.append(F.pad(h, (layer.h_pad, 0, 0, 0)))
+            v_pre = layer.vertical(self.v_in[-1])
+            self.v_pre.append(F.pad(v_pre, (0, 0, 1, 0)))  # row r holds the row above r
+            h_pre = layer.h_conv(self.h_in[-1][..., : h.shape[-1] + layer.reach])
+            v, h = _gate(v_pre), layer.horizontal(h_pre, self.v_pre[-1][:, :, :-1], h)
+        self.h_out = h
+
+    def set_site(self, r: int, c: int, indices: torch.Tensor) -> None:
+        """Write the embedding of the chosen (B,) indices at (r, c) into the first layer."""
+        e = self.model.embedding(indices)  # (B, C)
+        first = self.layers[0]
+        self.v_in[0][:, :, r + first.reach, c + first.reach] = e
+        self.h_in[0][:, :, r, c + first.h_pad] = e
+
+    def update_vertical_row(self, r: int) -> None:
+        """Recompute every layer's vertical stack at row r, which is now final."""
+        for i, layer in enumerate(self.layers):
+            v_pre = layer.vertical(self.v_in[i][:, :, r: r + layer.reach + 1])  # (B, 2C, 1, W)
+            self.v_pre[i][:, :, r + 1] = v_pre[:, :, 0]
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1]
+                self.v_in[i + 1][:, :, r + nxt.reach, nxt.reach: -nxt.reach] = _gate(v_pre)[:, :, 0]
+
+    def update_horizontal_site(self, r: int, c: int) -> torch.Tensor:
+        """Recompute every layer's horizontal stack at (r, c); returns the last one (B, C, 1, 1)."""
+        h = None
+        for i, layer in enumerate(self.layers):
+            window = self.h_in[i][:, :, r: r + 1, c: c + layer.reach + 1]  # (B, C, 1, reach+1)
+            h_site = self.h_in[i][:, :, r: r + 1, c + layer.h_pad: c + layer.h_pad + 1]
+            h = layer.horizontal(layer.h_conv(window), self.v_pre[i][:, :, r: r + 1, c: c + 1],
+                                 h_site)
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1]
+                self.h_in[i + 1][:, :, r, c + nxt.h_pad] = h[:, :, 0, 0]
+        return h
 
 
 def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
@@ -381,7 +489,7 @@ def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
 def _sites_to_fill(indices: torch.Tensor) -> list[tuple[int, int]]:
     """Raster-order sites where at least one batch item has −1."""
     rows, cols = torch.nonzero((indices == -1).any(dim=0), as_tuple=True)
-    return list(zip(rows.tolist(), cols.tolist()))
+    return list(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
 def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperature: float,

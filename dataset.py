@@ -1,0 +1,609 @@
+"""Load OASIS-style brain MRI slices into memory, and build an offline demo set.
+
+Layouts accepted for a data root (see `find_split_dirs`):
+
+* OASIS as distributed for the course: folders ``keras_png_slices_train``,
+  ``keras_png_slices_validate`` and ``keras_png_slices_test`` of 256x256 8-bit
+  grayscale PNGs named ``case_XXX_slice_Y.nii.png``. The ``keras_png_slices_seg_*``
+  folders beside them hold segmentation masks and are ignored.
+* Folders ``train/``, ``validate/`` (or ``val/``) and ``test/`` of PNG/JPEG images.
+* Either layout one folder down, e.g. the ``keras_png_slices_data/`` folder that
+  the OASIS zip unpacks to.
+
+Files that are not .png/.jpg/.jpeg, and hidden files, are skipped. Each split is
+sorted in natural order (case number, then slice number: slice_2 before slice_10).
+
+Image policy (one warning per split when a rule had to be applied):
+
+* Colour and palette images (RGB, RGBA, P, ...) are converted to luminance with
+  PIL's "L" mode; alpha is dropped. 16-bit, 32-bit and float images are rescaled
+  linearly so that 0 stays 0 and the image's maximum becomes 255.
+* Images that are not 256x256 are centre-cropped and/or zero-padded, each axis
+  separately, to 256x256. Nothing is resampled, so the pixel spacing is kept;
+  when cropping or padding an odd number of pixels the extra one goes at the
+  bottom/right.
+
+The demo set (`build_demo_dataset`) is made offline from the MNI ICBM152 2009a
+template that ships inside nilearn's package; see that function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import re
+import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 256
+SPLITS = ("train", "validate", "test")
+OASIS_SPLIT_DIRS = {split: (f"keras_png_slices_{split}",) for split in SPLITS}
+PLAIN_SPLIT_DIRS = {"train": ("train",), "validate": ("validate", "val"), "test": ("test",)}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+PROGRESS_MIN_FILES = 2000  # below this, loading takes about a second: no bar
+
+DEMO_TRAIN_SUBJECTS = 40
+DEMO_VALIDATE_SUBJECTS = 5
+DEMO_TEST_SUBJECTS = 5
+DEMO_SLICES_PER_SUBJECT = 32
+DEMO_SLICE_RANGE = (0.3, 0.85)  # part of the brain's axial extent sliced, bottom to top
+DEMO_VERSION = 1  # bump when the generator changes, so old demo sets are rebuilt
+DEMO_MARKER = ".complete"
+DEMO_STAGING = ".building"
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+_SLICE_NAME = re.compile(r"case_(?P<case>[0-9A-Za-z]+)_slice_(?P<slice>\d+)(?:\.nii)?\.png")
+_LAYOUT_HELP = (
+    "Expected keras_png_slices_train/, keras_png_slices_validate/, keras_png_slices_test/ "
+    "(OASIS) or train/, validate/ (or val/), test/."
+)
+
+
+class DatasetError(ValueError):
+    """A data root, split folder or image file that cannot be used; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    """One split in memory: uint8 `images` (N, 256, 256) and their file `names`, in order."""
+
+    images: torch.Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# ---------------------------------------------------------------- file names
+
+
+def slice_index(name: str | Path) -> int | None:
+    """Slice number Y of ``case_XXX_slice_Y.nii.png``; None for other names."""
+    match = _SLICE_NAME.fullmatch(Path(name).name)
+    return int(match["slice"]) if match else None
+
+
+def case_id(name: str | Path) -> str | None:
+    """Case XXX of ``case_XXX_slice_Y.nii.png`` as written (e.g. "001"); None for other names."""
+    match = _SLICE_NAME.fullmatch(Path(name).name)
+    return match["case"] if match else None
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that compares the numbers inside a name by value: slice_2 before slice_10."""
+    # re.split with a group alternates text and digits, so equal positions hold equal types.
+    parts = re.split(r"(\d+)", name)
+    return (*(int(part) if part.isdigit() else part.lower() for part in parts), name)
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def find_split_dirs(root: str | Path) -> dict[str, Path]:
+    """Folders of the "train", "validate" and "test" splits under `root`, in either layout."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(
+            f"Data root {root} does not exist. Pass the folder that holds the split folders, "
+            f"or build the demo set with build_demo_dataset(). {_LAYOUT_HELP}"
+        )
+    if not root.is_dir():
+        raise DatasetError(
+            f"Data root {root} is a file; pass the folder that holds the split folders. "
+            f"{_LAYOUT_HELP}"
+        )
+
+    found, missing = _match_layout(root)
+    if found and not missing:
+        return found
+    if not found:
+        nested = [
+            dirs
+            for child in _subdirs(root)
+            for dirs, gaps in [_match_layout(child)]
+            if dirs and not gaps
+        ]
+        if len(nested) == 1:
+            return nested[0]
+
+    present = ", ".join(f"{child.name}/" for child in _subdirs(root)) or "no folders"
+    absent = f" Missing: {', '.join(missing)}." if found else ""
+    raise DatasetError(
+        f"Data root {root} does not hold the split folders.{absent} Found: {present}. "
+        f"{_LAYOUT_HELP} "
+        "Point the loader at the folder that holds them."
+    )
+
+
+def _match_layout(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """Split folders of the best-matching layout in `folder`, and the names that layout misses."""
+    best: tuple[dict[str, Path], list[str]] | None = None
+    for layout in (OASIS_SPLIT_DIRS, PLAIN_SPLIT_DIRS):
+        found, missing = {}, []
+        for split, names in layout.items():
+            hit = next((folder / name for name in names if (folder / name).is_dir()), None)
+            if hit is None:
+                missing.append(" or ".join(f"{name}/" for name in names))
+            else:
+                found[split] = hit
+        if best is None or len(found) > len(best[0]):
+            best = (found, missing)
+    return best
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(
+        (child for child in folder.iterdir() if child.is_dir()), key=lambda p: natural_key(p.name)
+    )
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files in `folder`, naturally sorted; others and hidden ones (.DS_Store) are skipped."""
+    files = [
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+        and path.is_file()
+    ]
+    return sorted(files, key=lambda path: natural_key(path.name))
+
+
+# ---------------------------------------------------------------- images
+
+
+def read_grayscale(path: Path) -> tuple[np.ndarray, str | None]:
+    """Decode `path` to uint8 (H, W), and its original mode if that was not 8-bit grayscale."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    # PIL raises any of these for corrupt or truncated files.
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(
+            f"Cannot read image {path}: {error}. Delete or replace this file."
+        ) from error
+    if image.mode == "L":
+        return np.asarray(image), None
+    return to_grayscale_uint8(image), image.mode
+
+
+def to_grayscale_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image as uint8 (H, W): colour to luminance, wider values scaled by their maximum."""
+    if image.mode.startswith(("I", "F")):
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+        peak = values.max()
+        if peak > 0:
+            values *= 255 / peak
+        return np.rint(values).astype(np.uint8)
+    return np.asarray(image.convert("L"))
+
+
+def centre_fit(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Centre-crop and/or zero-pad (H, W) to (size, size)."""
+    (src_r, dst_r, rows), (src_c, dst_c, cols) = (_centred_span(n, size) for n in image.shape)
+    fitted = np.zeros((size, size), dtype=image.dtype)
+    fitted[dst_r : dst_r + rows, dst_c : dst_c + cols] = image[
+        src_r : src_r + rows, src_c : src_c + cols
+    ]
+    return fitted
+
+
+def _centred_span(length: int, size: int) -> tuple[int, int, int]:
+    """(source start, destination start, count) that centres `length` pixels within `size`."""
+    count = min(length, size)
+    return (length - count) // 2, (size - count) // 2, count
+
+
+def load_split(folder: str | Path, progress: bool | None = None) -> SliceSet:
+    """Read every image in `folder` into uint8 (N, 256, 256); by default, a bar for big splits."""
+    folder = Path(folder)
+    files = list_image_files(folder)
+    if not files:
+        raise DatasetError(
+            f"Split folder {folder} holds no .png/.jpg/.jpeg images. Put this split's images "
+            "there, or point the loader at another data root."
+        )
+    show_bar = len(files) >= PROGRESS_MIN_FILES if progress is None else progress
+    images = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # (N, H, W)
+    converted_modes: Counter[str] = Counter()
+    refitted = 0
+    bar = tqdm(files, desc=f"Loading {folder.name}", unit="img", disable=not show_bar)
+    for i, path in enumerate(bar):
+        image, mode = read_grayscale(path)
+        if mode is not None:
+            converted_modes[mode] += 1
+        if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            refitted += 1
+            image = centre_fit(image)
+        images[i] = image
+
+    if converted_modes:
+        modes = ", ".join(f"{count} {mode}" for mode, count in sorted(converted_modes.items()))
+        warnings.warn(f"{folder}: converted images to 8-bit grayscale ({modes}).", stacklevel=2)
+    if refitted:
+        warnings.warn(
+            f"{folder}: {refitted} of {len(files)} images were not {IMAGE_SIZE}x{IMAGE_SIZE}; "
+            "centre-cropped/zero-padded them.",
+            stacklevel=2,
+        )
+    return SliceSet(torch.from_numpy(images), [path.name for path in files])
+
+
+def load_splits(root: str | Path, progress: bool | None = None) -> dict[str, SliceSet]:
+    """Load the "train", "validate" and "test" splits under `root`."""
+    return {split: load_split(folder, progress) for split, folder in find_split_dirs(root).items()}
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Training-set mean and std of pixel values scaled to [0, 1]."""
+
+    mean: float
+    std: float
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"Normalisation needs a finite mean and a positive std, got {self}")
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W) or (N, 1, H, W) -> float32 (N, 1, H, W), training set at mean 0 std 1."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalise expects uint8 images, got {images.dtype}")
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(
+                f"normalise expects (N, H, W) or (N, 1, H, W), got {tuple(images.shape)}"
+            )
+        return (images.float() / 255 - self.mean) / self.std
+
+    def denormalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalise`, clamped to [0, 1]; same shape and float dtype."""
+        return (images * self.std + self.mean).clamp(0, 1)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": float(self.mean), "std": float(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> Normalisation:
+        return cls(mean=float(values["mean"]), std=float(values["std"]))
+
+
+def compute_normalisation(images: torch.Tensor) -> Normalisation:
+    """Exact mean and std of uint8 `images` (any shape) scaled to [0, 1], from a histogram."""
+    if images.dtype != torch.uint8 or images.numel() == 0:
+        raise ValueError(
+            "compute_normalisation expects a non-empty uint8 tensor, "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    counts = torch.zeros(256, dtype=torch.float64)
+    for chunk in images.reshape(-1).split(1 << 22):  # bounds the int64 copy bincount needs to 32 MB
+        counts += torch.bincount(chunk.long(), minlength=256)
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * levels).sum() / counts.sum()
+    variance = (counts * (levels - mean) ** 2).sum() / counts.sum()
+    return Normalisation(mean=mean.item(), std=variance.sqrt().item())
+
+
+# ---------------------------------------------------------------- demo data
+
+
+def demo_root() -> Path:
+    """Default location of the demo set: ``data/demo_oasis`` beside this file."""
+    return Path(__file__).resolve().parent / "data" / "demo_oasis"
+
+
+def template_dir() -> Path:
+    """Folder inside the installed nilearn package that holds the MNI152 2009a template."""
+    import nilearn  # only the demo needs it
+
+    return Path(nilearn.__file__).parent / "datasets" / "data"
+
+
+@functools.lru_cache(maxsize=1)
+def load_template() -> torch.Tensor:
+    """MNI152 T1, GM and WM maps cropped to the brain: float32 (3, X, Y, Z) in [0, 1], 1 mm, RAS."""
+    import nibabel
+
+    volumes = []
+    for name in TEMPLATE_FILES.values():
+        path = template_dir() / name
+        if not path.is_file():
+            raise DatasetError(
+                f"{path} is missing. The demo set is made from the MNI152 template that "
+                "ships inside nilearn: pip install nilearn."
+            )
+        volume = nibabel.as_closest_canonical(nibabel.load(path)).get_fdata(dtype=np.float32)
+        volumes.append(volume / volume.max())
+    # Crop to the brain plus a zero margin: half the memory, and grid_sample pads with zeros anyway.
+    brain = np.argwhere(volumes[0] > 0)
+    low, high = np.maximum(brain.min(0) - 2, 0), brain.max(0) + 3
+    template = np.stack(
+        [volume[low[0] : high[0], low[1] : high[1], low[2] : high[2]] for volume in volumes],
+        axis=-1,
+    )
+    # Channels last in memory (X, Y, Z, 3): grid_sample then reads a voxel's three values together,
+    # about 3x faster than three separate planes.
+    return torch.from_numpy(template).permute(3, 0, 1, 2)
+
+
+def build_demo_dataset(
+    root: str | Path | None = None,
+    n_train: int = DEMO_TRAIN_SUBJECTS,
+    n_validate: int = DEMO_VALIDATE_SUBJECTS,
+    n_test: int = DEMO_TEST_SUBJECTS,
+    slices_per_subject: int = DEMO_SLICES_PER_SUBJECT,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Build the demo set at `root` (default `demo_root()`) in the OASIS layout, once.
+
+    A complete earlier build with the same settings is reused; other settings rebuild it.
+
+    Each pseudo-subject is the MNI152 template under a random smooth deformation
+    (affine plus elastic) and intensity change (GM/WM contrast, gamma, bias field,
+    noise inside the brain), sliced axially like OASIS. Cases are numbered from 1
+    across train, validate and test in that order, so no subject is in two splits;
+    subject ``c`` depends only on (`seed`, ``c``, `slices_per_subject`).
+    """
+    root = Path(root) if root is not None else demo_root()
+    counts = {"train": n_train, "validate": n_validate, "test": n_test}
+    if min(counts.values()) < 1 or slices_per_subject < 1:
+        raise ValueError(
+            "Each split needs at least one subject and one slice, "
+            f"got {counts} and {slices_per_subject} slices"
+        )
+    settings = {
+        "version": DEMO_VERSION,
+        **counts,
+        "slices_per_subject": slices_per_subject,
+        "seed": seed,
+    }
+    if not force and demo_is_complete(root, settings):
+        return root
+    _check_demo_owns(root)
+
+    start = time.perf_counter()
+    log.info(
+        "Building the demo set at %s (%d subjects x %d slices)",
+        root,
+        sum(counts.values()),
+        slices_per_subject,
+    )
+    staging = root / DEMO_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    template = load_template()
+    case = 0
+    with single_torch_thread():
+        for split, n_subjects in counts.items():
+            folder = staging / OASIS_SPLIT_DIRS[split][0]
+            folder.mkdir(parents=True)
+            for _ in range(n_subjects):
+                case += 1
+                rng = np.random.default_rng([seed, case])
+                for k, image in enumerate(demo_subject_slices(template, rng, slices_per_subject)):
+                    path = folder / f"case_{case:03d}_slice_{k}.nii.png"
+                    Image.fromarray(image).save(path, compress_level=1)
+
+    # Swap the new folders in; until the marker is rewritten, the staging folder marks root as ours.
+    (root / DEMO_MARKER).unlink(missing_ok=True)
+    for (name,) in OASIS_SPLIT_DIRS.values():
+        shutil.rmtree(root / name, ignore_errors=True)
+        (staging / name).rename(root / name)
+    (root / DEMO_MARKER).write_text(json.dumps(settings))
+    staging.rmdir()
+    log.info("Built the demo set in %.1f s", time.perf_counter() - start)
+    return root
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block, then restore the caller's setting."""
+    # The demo's tensors are a few MB: threads gain little, lose a lot on a busy 2-core machine,
+    # and can change the rounding of a few pixels, so one thread also keeps builds identical.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def demo_is_complete(root: Path, settings: dict) -> bool:
+    """True if `root` holds a finished demo build made with `settings`."""
+    marker = root / DEMO_MARKER
+    if not marker.is_file() or not all(
+        (root / name).is_dir() for (name,) in OASIS_SPLIT_DIRS.values()
+    ):
+        return False
+    try:
+        return json.loads(marker.read_text()) == settings
+    except json.JSONDecodeError:
+        return False
+
+
+def _check_demo_owns(root: Path) -> None:
+    """Refuse to replace split folders that a demo build did not make (e.g. the real OASIS data)."""
+    ours = (root / DEMO_MARKER).exists() or (root / DEMO_STAGING).exists()
+    existing = [name for (name,) in OASIS_SPLIT_DIRS.values() if (root / name).exists()]
+    if existing and not ours:
+        raise DatasetError(
+            f"{root} already holds {', '.join(existing)} not made by build_demo_dataset; "
+            "refusing to overwrite them. Pass another root for the demo set, or delete them."
+        )
+
+
+def demo_subject_slices(
+    template: torch.Tensor, rng: np.random.Generator, n_slices: int
+) -> np.ndarray:
+    """One pseudo-subject from `template` (3, X, Y, Z): uint8 (n_slices, 256, 256), bottom up."""
+    heights = torch.nonzero((template[0] > 0).any(0).any(0))[:, 0]  # axial planes that hold brain
+    grid = demo_sampling_grid(
+        template.shape[1:], (heights.min().item(), heights.max().item()), rng, n_slices
+    )
+    t1, gm, wm = F.grid_sample(template[None], grid, align_corners=True)[0]  # each (K, H, W)
+    brain = t1 > 0.02  # the template is skull-stripped: zero outside the brain, above 0.25 inside
+
+    contrast = 1 + rng.uniform(-0.08, 0.08) * gm + rng.uniform(-0.04, 0.08) * wm
+    image = (t1 * contrast).clamp(min=0) ** rng.uniform(0.8, 1.25) * demo_bias_field(rng, n_slices)
+    noise = torch.from_numpy(rng.standard_normal(image.shape, dtype=np.float32))
+    image = (image + rng.uniform(0.01, 0.03) * noise).clamp(min=0) * brain
+
+    # Every 7th brain pixel: torch.quantile refuses inputs above 16M values.
+    bright = torch.quantile(image[brain][::7], 0.99)
+    image = image * (rng.uniform(225, 250) / bright)
+    return image.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def demo_sampling_grid(
+    shape: tuple[int, int, int], brain_z: tuple[int, int], rng: np.random.Generator, n_slices: int
+) -> torch.Tensor:
+    """grid_sample grid (1, K, 256, 256, 3) of K output slices in a randomly deformed template.
+
+    `shape` is the template's (X, Y, Z); the slices are evenly spaced over `DEMO_SLICE_RANGE`
+    of the brain's axial extent `brain_z` (first and last voxel).
+    """
+    centre = (torch.tensor(shape, dtype=torch.float32) - 1) / 2
+    low, high = DEMO_SLICE_RANGE
+    heights = (
+        brain_z[0] + torch.linspace(low, high, n_slices) * (brain_z[1] - brain_z[0]) - centre[2]
+    )
+    points = frame_points(heights, IMAGE_SIZE)  # (K, H, W, 3)
+
+    scale = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, size=3)
+    rotation = rotation_matrix(*np.deg2rad(rng.uniform(-1, 1, size=3) * [4, 3, 6]))
+    affine = torch.from_numpy((rotation / scale).astype(np.float32))  # subject mm -> template mm
+    shift = torch.from_numpy((rng.uniform(-1, 1, size=3) * [4, 4, 3]).astype(np.float32))  # mm
+    template_mm = points @ affine.T + shift + elastic_displacement(rng, heights)
+
+    normalised = (template_mm + centre) / centre - 1  # align_corners: ±1 are the end voxels
+    return normalised.flip(-1)[None]  # grid_sample wants (z, y, x) order for an (X, Y, Z) volume
+
+
+def frame_points(heights: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, size, size, 3) RAS positions in mm of the pixels of axial slices at `heights` (mm).
+
+    The frame spans 256 mm, so pixels are 1 mm apart when `size` is 256.
+
+    Radiological view: row 0 is anterior, column 0 is the subject's right.
+    """
+    half_extent = (IMAGE_SIZE - 1) / 2
+    axis = torch.linspace(half_extent, -half_extent, size)
+    z, y, x = torch.meshgrid(heights, axis, axis, indexing="ij")
+    return torch.stack([x, y, z], dim=-1)
+
+
+def elastic_displacement(rng: np.random.Generator, heights: torch.Tensor) -> torch.Tensor:
+    """Smooth random displacement (K, 256, 256, 3) in mm: a coarse random field, interpolated."""
+    control = torch.from_numpy(rng.normal(0, 2.5, size=(3, 5, 5, 5)).astype(np.float32))
+    # The field is smooth over its 64 mm control spacing: computing it every 4 mm is enough.
+    coarse = sample_field(control, frame_points(heights, 65))  # (K, 65, 65, 3)
+    fine = F.interpolate(
+        coarse.permute(0, 3, 1, 2),
+        size=(IMAGE_SIZE, IMAGE_SIZE),
+        mode="bilinear",
+        align_corners=True,
+    )
+    return fine.permute(0, 2, 3, 1)
+
+
+def demo_bias_field(rng: np.random.Generator, n_slices: int) -> torch.Tensor:
+    """Smooth multiplicative intensity field (K, 256, 256) around 1, like an MRI coil's bias."""
+    coarse = torch.from_numpy(rng.normal(0, 0.08, size=(1, 3, 3, 3)).astype(np.float32))
+    field = F.interpolate(
+        coarse[None], size=(n_slices, IMAGE_SIZE, IMAGE_SIZE), mode="trilinear", align_corners=True
+    )
+    return field[0, 0].exp()
+
+
+def sample_field(control: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Sample a (C, Dz, Hy, Wx) field spanning ±128 mm at `points` (..., 3) in mm -> (..., C)."""
+    grid = (points / (IMAGE_SIZE / 2)).reshape(1, 1, 1, -1, 3)
+    values = F.grid_sample(control[None], grid, align_corners=True, padding_mode="border")
+    return values.reshape(control.shape[0], -1).T.reshape(*points.shape[:-1], control.shape[0])
+
+
+def rotation_matrix(about_x: float, about_y: float, about_z: float) -> np.ndarray:
+    """3x3 rotation by the given angles in radians, applied about x, then y, then z."""
+    angles = [about_x, about_y, about_z]
+    (cx, cy, cz), (sx, sy, sz) = np.cos(angles), np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Summarise a data root; without one, build and summarise the demo set."
+    )
+    parser.add_argument(
+        "root", nargs="?", type=Path, help="data root (default: the demo set, built if needed)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild the demo set even if it is complete"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        splits = load_splits(args.root or build_demo_dataset(force=args.force))
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
+    for split, slices in splits.items():
+        cases = {case_id(name) for name in slices.names}
+        print(
+            f"{split:>8}: {len(slices)} slices from {len(cases)} cases, "
+            f"tensor {tuple(slices.images.shape)}"
+        )
+    print(compute_normalisation(splits["train"].images))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Image and codebook metrics. SSIM/PSNR come from scikit-image (Wang et al. 2004 settings)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_dilation
+from skimage.metrics import structural_similarity
+
+BRAIN_DILATION_PX = 3  # grow the brain mask a little so its edge counts too
+
+
+def ssim_map(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per-pixel SSIM of two (H, W) images in [0, 1]: 11×11 Gaussian window, σ = 1.5."""
+    _, full = structural_similarity(
+        reference, image, data_range=1.0, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, full=True)
+    return full
+
+
+def psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> float:
+    mse = float(np.mean((reference - image)[mask] ** 2 if mask is not None
+                        else (reference - image) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def brain_mask(reference: np.ndarray) -> np.ndarray:
+    """Pixels inside the brain: original > 0, dilated by a few pixels."""
+    return binary_dilation(reference > 0, iterations=BRAIN_DILATION_PX)
+
+
+def image_scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:
+    """Whole-slice and in-brain SSIM, PSNR and MSE for one (H, W) pair in [0, 1]."""
+    ref, img = reference.astype(np.float64), image.astype(np.float64)
+    smap = ssim_map(ref, img)
+    mask = brain_mask(ref)
+    has_brain = bool(mask.any())
+    return {
+        "ssim": float(smap.mean()),
+        "psnr": psnr(ref, img),
+        "mse": float(np.mean((ref - img) ** 2)),
+        "ssim_brain": float(smap[mask].mean()) if has_brain else float("nan"),
+        "psnr_brain": psnr(ref, img, mask) if has_brain else float("nan"),
+    }
+
+
+def batch_scores(references: torch.Tensor, images: torch.Tensor) -> list[dict[str, float]]:
+    """Scores for each pair of (B, 1, H, W) or (B, H, W) tensors in [0, 1]."""
+    refs = references.reshape(-1, *references.shape[-2:]).cpu().numpy()
+    imgs = images.reshape(-1, *images.shape[-2:]).cpu().numpy()
+    return [image_scores(r, i) for r, i in zip(refs, imgs, strict=True)]
+
+
+def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+
+
+def codebook_stats(indices: torch.Tensor, n_codes: int) -> dict[str, float]:
+    """Usage (fraction of codes used), perplexity and dead codes of a set of index grids."""
+    counts = torch.bincount(indices.flatten().long(), minlength=n_codes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    used = int((counts > 0).sum())
+    return {"codebook_usage": used / n_codes, "codebook_perplexity": math.exp(entropy),
+            "codes_used": used, "dead_codes": n_codes - used}

@@ -1,0 +1,446 @@
+"""Train the VQ-VAE (stage 1), encode every split to code indices once, then train the gated
+PixelCNN prior on those indices (stage 2).
+
+    python train.py                                   # demo: embedded MNI152-derived slices
+    python train.py --data /path/to/OASIS --out runs/oasis --profile full
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dataset
+from io_utils import RunError, load_checkpoint, save_checkpoint, write_csv, write_json
+from metrics import batch_scores, codebook_stats, mean_scores
+from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
+from plots import save_grid, save_loss_curves
+
+# ---- Edit these, or override them with command-line flags --------------------------------
+DATA_ROOT: str | None = None  # None: the embedded demo set (real MNI152 MRI), built on first use
+OUT_DIR = "runs/demo"
+PROFILE = "demo"  # "demo": sized for a 2-core CPU; "full": paper settings for a GPU and OASIS;
+#                   "tiny": a seconds-long smoke test
+VQVAE_EPOCHS: int | None = None  # None: the profile's value (as for every size below)
+PRIOR_EPOCHS: int | None = None
+BATCH_SIZE: int | None = None
+N_CODES: int | None = None  # K
+EMBEDDING_DIM: int | None = None  # D
+BETA: float | None = None
+VQVAE_LR: float | None = None
+PRIOR_LR: float | None = None
+SEED = 0
+# --------------------------------------------------------------------------------------------
+
+N_GRID_IMAGES = 6  # validation images shown in the per-epoch reconstruction grid
+
+
+@dataclass
+class StageSettings:
+    """Optimisation settings of one stage; saved in its checkpoints."""
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    l1_weight: float = 0.0  # VQ-VAE only: extra L1 term on the reconstruction
+    grad_clip: float = 1.0
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "demo": {
+        "vqvae": VQVAEConfig(),
+        "prior": PriorConfig(),
+        "vqvae_stage": StageSettings(epochs=12, batch_size=32, lr=2e-3),
+        "prior_stage": StageSettings(epochs=4, batch_size=32, lr=2e-3),
+    },
+    "tiny": {  # smoke tests: seconds on a CPU, not a useful model
+        "vqvae": VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
+        "prior": PriorConfig(channels=16, dilations=(1, 2, 4, 8, 16, 1)),
+        "vqvae_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1),
+        "prior_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1),
+    },
+    "full": {
+        "vqvae": VQVAEConfig(hidden=(64, 128, 256), n_res_blocks=4, embedding_dim=64,
+                             n_codes=512),
+        "prior": PriorConfig(channels=128,
+                             dilations=(1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1)),
+        "vqvae_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500),
+        "prior_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled index batches for one epoch, reproducible from (seed, epoch)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return list(order.split(batch_size))
+
+
+def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, min(warmup_steps, total_steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def make_optimiser(model: torch.nn.Module, stage: StageSettings,
+                   device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (the quantiser keeps fp32 itself); a no-op on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda")
+
+
+def to_model_input(images: torch.Tensor, norm: dataset.Normalisation,
+                   device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W) → normalised float (B, 1, H, W), channels_last on `device`."""
+    return norm.normalise(images).to(device).contiguous(memory_format=torch.channels_last)
+
+
+def stage_checkpoint(run: Path, stage: str, which: str) -> Path:
+    return run / f"{stage}_{which}.pt"
+
+
+def refuse_overwrite(run: Path, stage: str, args: argparse.Namespace) -> None:
+    if stage_checkpoint(run, stage, "last").exists() and not (args.overwrite or args.resume):
+        raise RunError(f"{run} already holds a trained {stage}: pass --resume to continue it, "
+                       f"--overwrite to start again, or --out NEW_DIR")
+
+
+def resolve_data_root(data: str | None) -> Path:
+    if data:
+        return Path(data).expanduser()
+    return dataset.build_demo_dataset(dataset.demo_root())
+
+
+def write_history(run: Path, stage: str, history: list[dict[str, float]], keys: list[str],
+                  ylabel: str) -> None:
+    write_csv(history, run / f"history_{stage}.csv")
+    write_json(history, run / f"history_{stage}.json")
+    save_loss_curves(history, keys, run / f"loss_{stage}.png", title=f"{stage} training",
+                     ylabel=ylabel, log_y=stage == "vqvae")
+
+
+def checkpoint_state(model: torch.nn.Module, optimiser: torch.optim.Optimizer,
+                     scheduler: Any, epoch: int, best: float, history: list[dict[str, float]],
+                     model_config: Any, stage: StageSettings, extra: dict[str, Any]) -> dict:
+    return {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val": best,
+            "history": history, "model_config": asdict(model_config),
+            "stage_settings": asdict(stage), **extra}
+
+
+def save_stage(run: Path, stage: str, state: dict, is_best: bool) -> None:
+    save_checkpoint(state, stage_checkpoint(run, stage, "last"))
+    if is_best:
+        save_checkpoint(state, stage_checkpoint(run, stage, "best"))
+
+
+# ------------------------------------------------------------------------- stage 1: VQ-VAE
+def vqvae_losses(model: VQVAE, x: torch.Tensor, l1_weight: float) -> dict[str, torch.Tensor]:
+    out = model(x)
+    recon = F.mse_loss(out.reconstruction.float(), x)
+    loss = recon + out.vq_loss
+    if l1_weight:
+        loss = loss + l1_weight * F.l1_loss(out.reconstruction.float(), x)
+    return {"loss": loss, "recon": recon, "codebook": out.codebook_loss,
+            "commitment": out.commitment_loss}
+
+
+@torch.no_grad()
+def evaluate_vqvae(model: VQVAE, images: torch.Tensor, norm: dataset.Normalisation,
+                   device: torch.device, batch_size: int) -> dict[str, float]:
+    """Validation losses, SSIM/PSNR in [0, 1] and codebook health over the whole split."""
+    model.eval()
+    sums: dict[str, float] = {}
+    scores, all_indices = [], []
+    for batch in torch.arange(len(images)).split(batch_size):
+        x = to_model_input(images[batch], norm, device)
+        with autocast(device):
+            out = model(x)
+        recon = out.reconstruction.float()
+        parts = {"recon": F.mse_loss(recon, x), "codebook": out.codebook_loss,
+                 "commitment": out.commitment_loss}
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value.item() * len(batch)
+        scores += batch_scores(norm.denormalise(x.cpu()), norm.denormalise(recon.cpu()))
+        all_indices.append(out.indices.cpu())
+    result = {f"val_{k}": v / len(images) for k, v in sums.items()}
+    ssim = mean_scores(scores)
+    result.update(val_ssim=ssim["ssim"], val_psnr=ssim["psnr"])
+    result.update(codebook_stats(torch.cat(all_indices), model.cfg.n_codes))
+    return result
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model: VQVAE, images: torch.Tensor, norm: dataset.Normalisation,
+                             device: torch.device, path: Path) -> None:
+    model.eval()
+    x = to_model_input(images, norm, device)
+    recon = norm.denormalise(model(x).reconstruction.float().cpu())[:, 0].numpy()
+    original = norm.denormalise(x.cpu())[:, 0].numpy()
+    save_grid([list(original), list(recon)], path, row_titles=["input", "reconstruction"])
+
+
+def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], run: Path,
+                device: torch.device) -> None:
+    refuse_overwrite(run, "vqvae", args)
+    cfg, stage = args.vqvae_config, args.vqvae_stage
+    train_images, val_images = splits["train"].images, splits["validate"].images
+    norm = dataset.compute_normalisation(train_images)
+    model = VQVAE(cfg).to(device).to(memory_format=torch.channels_last)
+    optimiser = make_optimiser(model, stage, device)
+    steps_per_epoch = math.ceil(len(train_images) / stage.batch_size)
+    scheduler = warmup_cosine(optimiser, stage.epochs * steps_per_epoch, stage.warmup_steps)
+    start, best, history = 1, float("inf"), []
+    if args.resume and stage_checkpoint(run, "vqvae", "last").exists():
+        start, best, history, norm = resume(run, "vqvae", model, optimiser, scheduler)
+    grid_images = val_images[torch.linspace(0, len(val_images) - 1, N_GRID_IMAGES).long()]
+    extra = {"normalisation": norm.to_dict(), "data_root": str(args.data_root)}
+    for epoch in range(start, stage.epochs + 1):
+        started = time.time()
+        model.train()
+        sums = {"loss": 0.0, "recon": 0.0, "codebook": 0.0, "commitment": 0.0}
+        batches = epoch_batches(len(train_images), stage.batch_size, args.seed, epoch)
+        bar = tqdm(batches, desc=f"vqvae {epoch}/{stage.epochs}", leave=False, dynamic_ncols=True)
+        for batch in bar:
+            x = to_model_input(train_images[batch], norm, device)
+            with autocast(device):
+                losses = vqvae_losses(model, x, stage.l1_weight)
+            optimisation_step(model, optimiser, scheduler, losses["loss"], stage.grad_clip)
+            for key in sums:
+                sums[key] += losses[key].item() * len(batch)
+            bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
+        row = {"epoch": epoch, **{f"train_{k}": v / len(train_images) for k, v in sums.items()},
+               **evaluate_vqvae(model, val_images, norm, device, stage.batch_size),
+               "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
+        history.append(row)
+        is_best = row["val_recon"] < best
+        best = min(best, row["val_recon"])
+        save_stage(run, "vqvae", checkpoint_state(model, optimiser, scheduler, epoch, best,
+                                                  history, cfg, stage, extra), is_best)
+        save_reconstruction_grid(model, grid_images, norm, device,
+                                 run / "reconstructions" / f"epoch_{epoch:03d}.png")
+        write_history(run, "vqvae", history, ["train_recon", "val_recon", "train_commitment",
+                                              "val_commitment", "val_codebook"], "MSE")
+        print(f"vqvae epoch {epoch}: recon {row['train_recon']:.4f}/{row['val_recon']:.4f} "
+              f"val SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
+              f"codes used {row['codebook_usage']:.1%} perplexity "
+              f"{row['codebook_perplexity']:.1f} ({row['seconds']:.0f}s)", flush=True)
+
+
+def optimisation_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
+                      loss: torch.Tensor, grad_clip: float) -> None:
+    if not torch.isfinite(loss):
+        raise RunError(f"loss became {loss.item()} at optimiser step {scheduler.last_epoch}: "
+                       "lower the learning rate; the last good checkpoint is kept")
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimiser.step()
+    scheduler.step()
+
+
+def resume(run: Path, stage: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
+           scheduler: Any) -> tuple[int, float, list, Any]:
+    state = load_checkpoint(stage_checkpoint(run, stage, "last"))
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    norm = dataset.Normalisation.from_dict(state["normalisation"]) if "normalisation" in state \
+        else None
+    print(f"resuming {stage} after epoch {state['epoch']}")
+    return state["epoch"] + 1, state["best_val"], state["history"], norm
+
+
+# ---------------------------------------------------------------- encoding between the stages
+def load_vqvae(path: Path, device: torch.device) -> tuple[VQVAE, dataset.Normalisation, dict]:
+    """Rebuild a VQ-VAE from its checkpoint alone."""
+    state = load_checkpoint(path)
+    model = VQVAE(VQVAEConfig(**state["model_config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise RunError(f"{path} does not match its own config: {str(err).splitlines()[0]}") \
+            from err
+    norm = dataset.Normalisation.from_dict(state["normalisation"])
+    return model.to(device).eval(), norm, state
+
+
+@torch.no_grad()
+def encode_images(model: VQVAE, images: torch.Tensor, norm: dataset.Normalisation,
+                  device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """uint8 (N, H, W) → int16 (N, 32, 32) code indices."""
+    out = [model.image_to_indices(to_model_input(images[b], norm, device)).cpu()
+           for b in torch.arange(len(images)).split(batch_size)]
+    return torch.cat(out).to(torch.int16)
+
+
+def encode_splits(run: Path, splits: dict[str, dataset.SliceSet],
+                  device: torch.device) -> dict[str, Any]:
+    """Encode every split with the best VQ-VAE and store the grids in run/indices.pt."""
+    model, norm, state = load_vqvae(stage_checkpoint(run, "vqvae", "best"), device)
+    indices = {"vqvae_epoch": state["epoch"], "n_codes": model.cfg.n_codes}
+    for name, split in splits.items():
+        indices[name] = encode_images(model, split.images, norm, device)
+        indices[f"{name}_names"] = list(split.names)
+    save_checkpoint(indices, run / "indices.pt")
+    return indices
+
+
+# ------------------------------------------------------------------------ stage 2: PixelCNN
+@torch.no_grad()
+def evaluate_prior(model: PixelCNN, grids: torch.Tensor, device: torch.device,
+                   batch_size: int) -> float:
+    """Mean bits per index over a split."""
+    model.eval()
+    total = 0.0
+    for batch in torch.arange(len(grids)).split(batch_size):
+        with autocast(device):
+            total += model.bits_per_index(grids[batch].long().to(device)).item() * len(batch)
+    return total / len(grids)
+
+
+def train_prior(args: argparse.Namespace, indices: dict[str, Any], run: Path,
+                device: torch.device) -> None:
+    refuse_overwrite(run, "prior", args)
+    stage = args.prior_stage
+    cfg = PriorConfig(**{**asdict(args.prior_config), "n_codes": indices["n_codes"]})
+    train_grids, val_grids = indices["train"], indices["validate"]
+    model = PixelCNN(cfg).to(device)
+    optimiser = make_optimiser(model, stage, device)
+    steps_per_epoch = math.ceil(len(train_grids) / stage.batch_size)
+    scheduler = warmup_cosine(optimiser, stage.epochs * steps_per_epoch, stage.warmup_steps)
+    start, best, history = 1, float("inf"), []
+    if args.resume and stage_checkpoint(run, "prior", "last").exists():
+        start, best, history, _ = resume(run, "prior", model, optimiser, scheduler)
+    extra = {"vqvae_epoch": indices["vqvae_epoch"]}
+    for epoch in range(start, stage.epochs + 1):
+        started = time.time()
+        model.train()
+        total = 0.0
+        batches = epoch_batches(len(train_grids), stage.batch_size, args.seed, epoch)
+        bar = tqdm(batches, desc=f"prior {epoch}/{stage.epochs}", leave=False, dynamic_ncols=True)
+        for batch in bar:
+            with autocast(device):
+                bits = model.bits_per_index(train_grids[batch].long().to(device))
+            optimisation_step(model, optimiser, scheduler, bits, stage.grad_clip)
+            total += bits.item() * len(batch)
+            bar.set_postfix(bits=f"{bits.item():.3f}")
+        row = {"epoch": epoch, "train_bits_per_index": total / len(train_grids),
+               "val_bits_per_index": evaluate_prior(model, val_grids, device, stage.batch_size),
+               "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
+        history.append(row)
+        is_best = row["val_bits_per_index"] < best
+        best = min(best, row["val_bits_per_index"])
+        save_stage(run, "prior", checkpoint_state(model, optimiser, scheduler, epoch, best,
+                                                  history, cfg, stage, extra), is_best)
+        write_history(run, "prior", history, ["train_bits_per_index", "val_bits_per_index"],
+                      "bits per index")
+        print(f"prior epoch {epoch}: bits/index {row['train_bits_per_index']:.3f}/"
+              f"{row['val_bits_per_index']:.3f} ({row['seconds']:.0f}s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DATA_ROOT, help="dataset root (default: embedded demo set)")
+    p.add_argument("--out", default=OUT_DIR, help="run folder for checkpoints, logs, figures")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=PROFILE)
+    p.add_argument("--stage", choices=["vqvae", "prior", "both"], default="both")
+    p.add_argument("--vqvae-epochs", type=int, default=VQVAE_EPOCHS)
+    p.add_argument("--prior-epochs", type=int, default=PRIOR_EPOCHS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--n-codes", type=int, default=N_CODES, help="codebook size K")
+    p.add_argument("--embedding-dim", type=int, default=EMBEDDING_DIM, help="code dimension D")
+    p.add_argument("--beta", type=float, default=BETA, help="commitment loss weight")
+    p.add_argument("--vqvae-lr", type=float, default=VQVAE_LR)
+    p.add_argument("--prior-lr", type=float, default=PRIOR_LR)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run's stage")
+    args = p.parse_args(argv)
+    apply_profile(args)
+    return args
+
+
+def apply_profile(args: argparse.Namespace) -> None:
+    """Profile defaults, with every flag that was given taking precedence."""
+    profile = PROFILES[args.profile]
+    args.vqvae_config = _replace(profile["vqvae"], n_codes=args.n_codes,
+                                 embedding_dim=args.embedding_dim, beta=args.beta)
+    args.prior_config = profile["prior"]
+    args.vqvae_stage = _replace(profile["vqvae_stage"], epochs=args.vqvae_epochs,
+                                batch_size=args.batch_size, lr=args.vqvae_lr)
+    args.prior_stage = _replace(profile["prior_stage"], epochs=args.prior_epochs,
+                                batch_size=args.batch_size, lr=args.prior_lr)
+
+
+def _replace(obj: Any, **overrides: Any) -> Any:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return type(obj)(**{f.name: getattr(obj, f.name) for f in fields(obj)} | given)
+
+
+def run_training(args: argparse.Namespace) -> Path:
+    seed_everything(args.seed)
+    device = pick_device()
+    args.data_root = resolve_data_root(args.data)
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    splits = dataset.load_splits(args.data_root)
+    print(f"data {args.data_root}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + f" | device {device}")
+    if args.stage in ("vqvae", "both"):
+        train_vqvae(args, splits, run, device)
+    if args.stage in ("prior", "both"):
+        indices = encode_splits(run, splits, device)
+        train_prior(args, indices, run, device)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run = run_training(parse_args(argv))
+    except (RunError, dataset.DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
