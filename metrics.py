@@ -9,6 +9,7 @@ from scipy.ndimage import binary_dilation
 from skimage.metrics import structural_similarity
 
 BRAIN_DILATION_PX = 3  # grow the brain mask a little so its edge counts too
+BACKGROUND_LEVEL = 0.5 / 255  # below half an 8-bit step is background (float round trips)
 
 
 def ssim_map(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -27,7 +28,7 @@ def psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = Non
 
 def brain_mask(reference: np.ndarray) -> np.ndarray:
     """Pixels inside the brain: original > 0, dilated by a few pixels."""
-    return binary_dilation(reference > 0, iterations=BRAIN_DILATION_PX)
+    return binary_dilation(reference > BACKGROUND_LEVEL, iterations=BRAIN_DILATION_PX)
 
 
 def image_scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:
