@@ -8,16 +8,22 @@ import torch
 from scipy.ndimage import binary_dilation
 from skimage.metrics import structural_similarity
 
+SSIM_WINDOW = 11  # what σ = 1.5 with scikit-image's truncation at 3.5 σ gives
 BRAIN_DILATION_PX = 3  # grow the brain mask a little so its edge counts too
 BACKGROUND_LEVEL = 0.5 / 255  # below half an 8-bit step is background (float round trips)
 
 
-def ssim_map(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Per-pixel SSIM of two (H, W) images in [0, 1]: 11×11 Gaussian window, σ = 1.5."""
-    _, full = structural_similarity(
+def ssim_with_map(reference: np.ndarray, image: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean SSIM and per-pixel SSIM of two (H, W) images in [0, 1]: 11×11 Gaussian window,
+    σ = 1.5. The map's 5-pixel border, where the window leaves the image, is set to NaN, as
+    scikit-image leaves it out of the mean."""
+    mean, full = structural_similarity(
         reference, image, data_range=1.0, gaussian_weights=True, sigma=1.5,
         use_sample_covariance=False, full=True)
-    return full
+    border = SSIM_WINDOW // 2
+    inner = np.full_like(full, np.nan)
+    inner[border:-border, border:-border] = full[border:-border, border:-border]
+    return float(mean), inner
 
 
 def psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -34,14 +40,14 @@ def brain_mask(reference: np.ndarray) -> np.ndarray:
 def image_scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:
     """Whole-slice and in-brain SSIM, PSNR and MSE for one (H, W) pair in [0, 1]."""
     ref, img = reference.astype(np.float64), image.astype(np.float64)
-    smap = ssim_map(ref, img)
+    ssim, smap = ssim_with_map(ref, img)
     mask = brain_mask(ref)
     has_brain = bool(mask.any())
     return {
-        "ssim": float(smap.mean()),
+        "ssim": ssim,
         "psnr": psnr(ref, img),
         "mse": float(np.mean((ref - img) ** 2)),
-        "ssim_brain": float(smap[mask].mean()) if has_brain else float("nan"),
+        "ssim_brain": float(np.nanmean(smap[mask])) if has_brain else float("nan"),
         "psnr_brain": psnr(ref, img, mask) if has_brain else float("nan"),
     }
 

@@ -26,7 +26,6 @@ class VQVAEConfig:
     ema: bool = True  # EMA codebook updates instead of the gradient codebook loss
     ema_decay: float = 0.99
     dead_code_steps: int = 20  # a code unused for this many training steps is re-seeded
-    norm_groups: int = 8
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -170,13 +169,26 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel. Unlike BatchNorm or GroupNorm it does not
+    depend on the batch or the image extent, so a model trained on crops runs unchanged on
+    whole slices, and data-parallel replicas compute exactly what one process would."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int, groups: int) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.ReLU(),
+            ChannelNorm(channels), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels), nn.ReLU(),
+            ChannelNorm(channels), nn.ReLU(),
             nn.Conv2d(channels, channels, 1),
         )
 
@@ -184,14 +196,14 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-def _down(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
-                         nn.GroupNorm(groups, c_out), nn.ReLU())
+                         ChannelNorm(c_out), nn.ReLU())
 
 
-def _up(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
-                         nn.GroupNorm(groups, c_out), nn.ReLU())
+                         ChannelNorm(c_out), nn.ReLU())
 
 
 class Encoder(nn.Module):
@@ -200,11 +212,10 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
         c1, c2, c3 = cfg.hidden
-        g = cfg.norm_groups
         self.net = nn.Sequential(
-            _down(cfg.in_channels, c1, g), _down(c1, c2, g), _down(c2, c3, g),
-            *[ResidualBlock(c3, g) for _ in range(cfg.n_res_blocks)],
-            nn.GroupNorm(g, c3), nn.ReLU(),
+            _down(cfg.in_channels, c1), _down(c1, c2), _down(c2, c3),
+            *[ResidualBlock(c3) for _ in range(cfg.n_res_blocks)],
+            ChannelNorm(c3), nn.ReLU(),
             nn.Conv2d(c3, cfg.embedding_dim, 1),
         )
 
@@ -218,12 +229,11 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
         c1, c2, c3 = cfg.hidden
-        g = cfg.norm_groups
         self.net = nn.Sequential(
             nn.Conv2d(cfg.embedding_dim, c3, 3, padding=1),
-            *[ResidualBlock(c3, g) for _ in range(cfg.n_res_blocks)],
-            nn.GroupNorm(g, c3), nn.ReLU(),
-            _up(c3, c2, g), _up(c2, c1, g),
+            *[ResidualBlock(c3) for _ in range(cfg.n_res_blocks)],
+            ChannelNorm(c3), nn.ReLU(),
+            _up(c3, c2), _up(c2, c1),
             nn.ConvTranspose2d(c1, cfg.in_channels, 4, stride=2, padding=1),
         )
 

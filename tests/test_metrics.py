@@ -1,0 +1,67 @@
+import math
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from metrics import batch_scores, brain_mask, codebook_stats, image_scores, mean_scores
+
+
+def _pair(seed=0):
+    rng = np.random.default_rng(seed)
+    ref = np.zeros((64, 64))
+    ref[16:48, 12:52] = rng.uniform(0.3, 1.0, (32, 40))
+    noisy = np.clip(ref + rng.normal(0, 0.05, ref.shape), 0, 1)
+    return ref, noisy
+
+
+def test_whole_image_scores_agree_with_scikit_image():
+    ref, img = _pair()
+    scores = image_scores(ref, img)
+    expected_ssim = structural_similarity(ref, img, data_range=1.0, gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False)
+    assert math.isclose(scores["ssim"], expected_ssim, rel_tol=1e-9)
+    assert math.isclose(scores["psnr"], peak_signal_noise_ratio(ref, img, data_range=1.0),
+                        rel_tol=1e-9)
+    assert math.isclose(scores["mse"], float(np.mean((ref - img) ** 2)), rel_tol=1e-9)
+
+
+def test_brain_scores_ignore_the_background():
+    ref, img = _pair()
+    scores = image_scores(ref, img)
+    # the noise also lands on the background, which the brain mask only touches at its rim
+    mask = brain_mask(ref)
+    assert mask.sum() < mask.size
+    assert scores["ssim_brain"] != scores["ssim"]
+    clean_background = img.copy()
+    clean_background[~mask] = ref[~mask]
+    assert math.isclose(image_scores(ref, clean_background)["psnr_brain"], scores["psnr_brain"])
+
+
+def test_brain_mask_survives_a_float_round_trip_of_the_background():
+    ref = np.zeros((32, 32))
+    ref[10:20, 10:20] = 0.8
+    assert brain_mask(ref + 1e-9).sum() == brain_mask(ref).sum() < ref.size
+
+
+def test_identical_images_score_perfectly():
+    ref, _ = _pair()
+    scores = image_scores(ref, ref)
+    assert scores["ssim"] == 1.0 and scores["psnr"] == float("inf")
+
+
+def test_batch_and_mean_scores():
+    ref, img = _pair()
+    rows = batch_scores(torch.tensor(np.stack([ref, ref]))[:, None],
+                        torch.tensor(np.stack([ref, img]))[:, None])
+    assert rows[0]["ssim"] == 1.0
+    assert math.isclose(mean_scores(rows)["ssim"], (1.0 + rows[1]["ssim"]) / 2)
+
+
+def test_codebook_stats():
+    uniform = torch.arange(8).repeat(10)
+    stats = codebook_stats(uniform, 16)
+    assert stats["codebook_usage"] == 0.5 and stats["dead_codes"] == 8
+    assert math.isclose(stats["codebook_perplexity"], 8.0)
+    assert math.isclose(codebook_stats(torch.zeros(5, dtype=torch.long), 4)[
+        "codebook_perplexity"], 1.0)
