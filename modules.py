@@ -292,6 +292,10 @@ class PriorConfig:
     # One gated layer per entry. Doubling dilations let the last site see the whole 32×32 grid
     # (vertical reach = Σ dilation·(k//2) = 32 rows), the dilation-1 layers keep coverage gap-free.
     dilations: tuple[int, ...] = field(default_factory=lambda: (1, 2, 4, 8, 1, 2, 4, 8, 1, 1))
+    # Largest grid side with a learned per-site position bias in every layer (0: none). Slices
+    # are centred, so where a site is says much about its code; convolutions alone cannot
+    # see that beyond their reach of the top and left borders.
+    grid_size: int = 32
 
     def __post_init__(self) -> None:
         self.dilations = tuple(self.dilations)
@@ -332,6 +336,8 @@ class GatedLayer(nn.Module):
         self.h_conv = nn.Conv2d(c, 2 * c, (1, self.half + 1), dilation=dilation)
         self.v_to_h = nn.Conv2d(2 * c, 2 * c, 1)
         self.h_out = nn.Conv2d(c, c, 1)
+        self.position_to_v = nn.Conv2d(c, 2 * c, 1)
+        self.position_to_h = nn.Conv2d(c, 2 * c, 1)
 
     @property
     def reach(self) -> int:
@@ -342,10 +348,19 @@ class GatedLayer(nn.Module):
         """Zero columns left of the horizontal input (one more in the first layer: the shift)."""
         return self.reach + int(self.first)
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v_pre = self.vertical(F.pad(v, (self.reach, self.reach, self.reach, 0)))
+    def forward(self, v: torch.Tensor, h: torch.Tensor,
+                bias: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`bias`: this layer's position biases for the vertical and horizontal stacks."""
+        v_pre = self.vertical(F.pad(v, (self.reach, self.reach, self.reach, 0))) + bias[0]
         h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
-        return _gate(v_pre), self.horizontal(h_pre, shift_down(v_pre), h)
+        return _gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
+
+    def position_bias(self, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, H, W) position embedding → (1, 2C, H, W) biases for the two stacks."""
+        if position is None:
+            zero = self.h_out.weight.new_zeros(1, 2 * self.h_out.weight.shape[0], 1, 1)
+            return zero, zero
+        return self.position_to_v(position), self.position_to_h(position)
 
     def vertical(self, v_padded: torch.Tensor) -> torch.Tensor:
         """Vertical pre-activations (B, 2C, rows, W) from input padded above and at the sides."""
@@ -371,13 +386,25 @@ class PixelCNN(nn.Module):
             for i, d in enumerate(self.cfg.dilations))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 1), nn.ReLU(),
                                   nn.Conv2d(2 * c, self.cfg.n_codes, 1))
+        g = self.cfg.grid_size
+        self.position = nn.Parameter(torch.randn(1, c, g, g) * 0.1) if g else None
+
+    def position_biases(self, height: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (vertical, horizontal) position biases for a height × width grid."""
+        position = None
+        if self.position is not None:
+            if height > self.position.shape[2] or width > self.position.shape[3]:
+                raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
+            position = self.position[:, :, :height, :width]
+        return [layer.position_bias(position) for layer in self.layers]
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) indices → (B, K, H, W) logits; the logits at a site see earlier sites only."""
         x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
         v, h = x, x
-        for layer in self.layers:
-            v, h = layer(v, h)
+        for layer, bias in zip(self.layers, self.position_biases(*indices.shape[1:]),
+                               strict=True):
+            v, h = layer(v, h, bias)
         return self.head(h)
 
     def bits_per_index(self, indices: torch.Tensor) -> torch.Tensor:
@@ -445,16 +472,18 @@ class _SamplingCache:
     def __init__(self, model: PixelCNN, grid: torch.Tensor) -> None:
         self.model, self.layers = model, list(model.layers)
         x = model.embedding(grid.clamp(min=0)).permute(0, 3, 1, 2)  # (B, C, H, W)
+        height, width = grid.shape[1:]
+        self.biases = [(bv.expand(-1, -1, height, width), bh.expand(-1, -1, height, width))
+                       for bv, bh in model.position_biases(height, width)]
         self.v_in, self.h_in, self.v_pre = [], [], []
         v, h = x, x
-        for layer in self.layers:
+        for layer, (bias_v, bias_h) in zip(self.layers, self.biases, strict=True):
             self.v_in.append(F.pad(v, (layer.reach, layer.reach, layer.reach, 0)))
             self.h_in.append(F.pad(h, (layer.h_pad, 0, 0, 0)))
-            v_pre = layer.vertical(self.v_in[-1])
+            v_pre = layer.vertical(self.v_in[-1]) + bias_v
             self.v_pre.append(F.pad(v_pre, (0, 0, 1, 0)))  # row r holds the row above r
-            h_pre = layer.h_conv(self.h_in[-1][..., : h.shape[-1] + layer.reach])
+            h_pre = layer.h_conv(self.h_in[-1][..., : width + layer.reach]) + bias_h
             v, h = _gate(v_pre), layer.horizontal(h_pre, self.v_pre[-1][:, :, :-1], h)
-        self.h_out = h
 
     def set_site(self, r: int, c: int, indices: torch.Tensor) -> None:
         """Write the embedding of the chosen (B,) indices at (r, c) into the first layer."""
@@ -466,7 +495,8 @@ class _SamplingCache:
     def update_vertical_row(self, r: int) -> None:
         """Recompute every layer's vertical stack at row r, which is now final."""
         for i, layer in enumerate(self.layers):
-            v_pre = layer.vertical(self.v_in[i][:, :, r: r + layer.reach + 1])  # (B, 2C, 1, W)
+            v_pre = (layer.vertical(self.v_in[i][:, :, r: r + layer.reach + 1])  # (B, 2C, 1, W)
+                     + self.biases[i][0][:, :, r: r + 1])
             self.v_pre[i][:, :, r + 1] = v_pre[:, :, 0]
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
@@ -478,8 +508,8 @@ class _SamplingCache:
         for i, layer in enumerate(self.layers):
             window = self.h_in[i][:, :, r: r + 1, c: c + layer.reach + 1]  # (B, C, 1, reach+1)
             h_site = self.h_in[i][:, :, r: r + 1, c + layer.h_pad: c + layer.h_pad + 1]
-            h = layer.horizontal(layer.h_conv(window), self.v_pre[i][:, :, r: r + 1, c: c + 1],
-                                 h_site)
+            h_pre = layer.h_conv(window) + self.biases[i][1][:, :, r: r + 1, c: c + 1]
+            h = layer.horizontal(h_pre, self.v_pre[i][:, :, r: r + 1, c: c + 1], h_site)
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
                 self.h_in[i + 1][:, :, r, c + nxt.h_pad] = h[:, :, 0, 0]

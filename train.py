@@ -68,7 +68,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prior": PriorConfig(channels=48),
         "vqvae_stage": StageSettings(epochs=12, batch_size=64, lr=2e-3, crop=128,
                                      crops_per_image=4),
-        "prior_stage": StageSettings(epochs=3, batch_size=32, lr=2e-3),
+        "prior_stage": StageSettings(epochs=4, batch_size=32, lr=2e-3),
     },
     "tiny": {  # smoke tests: seconds on a CPU, not a useful model
         "vqvae": VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
