@@ -11,15 +11,20 @@ from skimage.metrics import structural_similarity
 SSIM_WINDOW = 11  # what σ = 1.5 with scikit-image's truncation at 3.5 σ gives
 BRAIN_DILATION_PX = 3  # grow the brain mask a little so its edge counts too
 BACKGROUND_LEVEL = 0.5 / 255  # below half an 8-bit step is background (float round trips)
+SSIM_SETTINGS = {"data_range": 1.0, "gaussian_weights": True, "sigma": 1.5,
+                 "use_sample_covariance": False}
+
+
+def ssim(reference: np.ndarray, image: np.ndarray) -> float:
+    """Mean SSIM of two (H, W) images in [0, 1] of the same dtype, as `ssim_with_map`."""
+    return float(structural_similarity(reference, image, **SSIM_SETTINGS))
 
 
 def ssim_with_map(reference: np.ndarray, image: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean SSIM and per-pixel SSIM of two (H, W) images in [0, 1]: 11×11 Gaussian window,
     σ = 1.5. The map's 5-pixel border, where the window leaves the image, is set to NaN, as
     scikit-image leaves it out of the mean."""
-    mean, full = structural_similarity(
-        reference, image, data_range=1.0, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, full=True)
+    mean, full = structural_similarity(reference, image, full=True, **SSIM_SETTINGS)
     border = SSIM_WINDOW // 2
     inner = np.full_like(full, np.nan)
     inner[border:-border, border:-border] = full[border:-border, border:-border]
@@ -52,6 +57,16 @@ def image_scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:
     }
 
 
+def masked_scores(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """SSIM and PSNR of `image` on the pixels where the (H, W) bool `mask` is set, e.g. an
+    inpainted region. Outside the mask the image is replaced by the reference first: only the
+    filled-in pixels are judged, and SSIM windows at the mask's rim see the true context."""
+    ref = reference.astype(np.float64)
+    img = np.where(mask, image.astype(np.float64), ref)
+    _, smap = ssim_with_map(ref, img)
+    return {"ssim": float(np.nanmean(smap[mask])), "psnr": psnr(ref, img, mask)}
+
+
 def batch_scores(references: torch.Tensor, images: torch.Tensor) -> list[dict[str, float]]:
     """Scores for each pair of (B, 1, H, W) or (B, H, W) tensors in [0, 1]."""
     refs = references.reshape(-1, *references.shape[-2:]).cpu().numpy()
@@ -65,9 +80,14 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def codebook_stats(indices: torch.Tensor, n_codes: int) -> dict[str, float]:
     """Usage (fraction of codes used), perplexity and dead codes of a set of index grids."""
-    counts = torch.bincount(indices.flatten().long(), minlength=n_codes).double()
+    return codebook_stats_from_counts(torch.bincount(indices.flatten().long(), minlength=n_codes))
+
+
+def codebook_stats_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    """The same from a histogram of code counts (K,)."""
+    counts = counts.double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     used = int((counts > 0).sum())
-    return {"codebook_usage": used / n_codes, "codebook_perplexity": math.exp(entropy),
-            "codes_used": used, "dead_codes": n_codes - used}
+    return {"codebook_usage": used / len(counts), "codebook_perplexity": math.exp(entropy),
+            "codes_used": used, "dead_codes": len(counts) - used}

@@ -442,78 +442,137 @@ class PixelCNN(nn.Module):
         b, height, width = out.shape
         logits_used = torch.full((b, self.cfg.n_codes, height, width), float("nan"),
                                  device=out.device)
-        to_fill = set(_sites_to_fill(out))
-        if not to_fill:
+        columns: dict[int, set[int]] = {}  # row → columns to fill
+        for r, c in _sites_to_fill(out):
+            columns.setdefault(r, set()).add(c)
+        if not columns:
             return out, logits_used
-        cache = _SamplingCache(self, out)
-        first = min(to_fill)
-        for r in range(first[0], height):
-            if r > 0 and r - 1 >= first[0]:
-                cache.update_vertical_row(r - 1)
-            for c in range(first[1] if r == first[0] else 0, width):
-                h = cache.update_horizontal_site(r, c)  # (B, C, 1, 1)
-                if (r, c) in to_fill:
-                    logits = self.head(h)[:, :, 0, 0]
-                    logits_used[:, :, r, c] = logits
-                    _fill_site(out, r, c, logits, temperature, generator)
-                    cache.set_site(r, c, out[:, r, c])
+        first_row, last_row = min(columns), max(columns)
+        # `out` and `logits_used` are made outside: inference tensors could not enter autograd.
+        with torch.inference_mode():
+            cache = _SamplingCache(self, out, first_row)
+            for r in range(first_row, last_row + 1):
+                if r in columns:  # a row with nothing to fill needs only its vertical stack
+                    cache.start_row(r)
+                    for c in range(max(columns[r]) + 1):
+                        h = cache.advance(c)
+                        if c in columns[r]:
+                            logits = cache.head(h)
+                            logits_used[:, :, r, c] = logits
+                            _fill_site(out, r, c, logits, temperature, generator)
+                            cache.set_site(c, out[:, r, c])
+                if r < last_row:
+                    cache.finish_row(r)
         return out, logits_used
 
 
 class _SamplingCache:
-    """Every layer's vertical and horizontal inputs and vertical pre-activations for one grid,
-    kept padded so that the window a layer reads for a site is a plain slice.
+    """Exact incremental state of a PixelCNN while its grid (B, H, W) is filled in raster order.
 
-    Before the first site to fill, everything comes from one full forward pass; from there on
-    a site's horizontal states are recomputed in raster order, and a row's vertical states
-    once that row is final.
+    The vertical stack at a row sees only that row and rows above, so each layer keeps its
+    zero-padded input (B, C, pad + H, pad + W + pad) and recomputes a row with its own
+    convolution once the row is final. The horizontal stack feeds nothing but later sites of
+    its own row, so each layer keeps one row of input, (pad + W, B, C), in which a site's (B, C)
+    block is contiguous. A site then costs a few small matmuls on weights rearranged once;
+    what the vertical stack above and the biases add at each site comes as one (W, B, 2C)
+    term per layer and row, and the views a site reads and writes are made once per column.
     """
 
-    def __init__(self, model: PixelCNN, grid: torch.Tensor) -> None:
-        self.model, self.layers = model, list(model.layers)
-        x = model.embedding(grid.clamp(min=0)).permute(0, 3, 1, 2)  # (B, C, H, W)
-        height, width = grid.shape[1:]
-        self.biases = [(bv.expand(-1, -1, height, width), bh.expand(-1, -1, height, width))
-                       for bv, bh in model.position_biases(height, width)]
-        self.v_in, self.h_in, self.v_pre = [], [], []
-        v, h = x, x
-        for layer, (bias_v, bias_h) in zip(self.layers, self.biases, strict=True):
-            self.v_in.append(F.pad(v, (layer.reach, layer.reach, layer.reach, 0)))
-            self.h_in.append(F.pad(h, (layer.h_pad, 0, 0, 0)))
-            v_pre = layer.vertical(self.v_in[-1]) + bias_v
-            self.v_pre.append(F.pad(v_pre, (0, 0, 1, 0)))  # row r holds the row above r
-            h_pre = layer.h_conv(self.h_in[-1][..., : width + layer.reach]) + bias_h
-            v, h = _gate(v_pre), layer.horizontal(h_pre, self.v_pre[-1][:, :, :-1], h)
+    def __init__(self, model: PixelCNN, grid: torch.Tensor, first_row: int) -> None:
+        """`grid` is filled in place by the caller; rows above `first_row` must be final."""
+        self.grid, self.layers = grid, list(model.layers)
+        self.embedding = model.embedding.weight  # (K, C)
+        b, height, width = grid.shape
+        c = model.cfg.channels
+        zeros = self.embedding.new_zeros
+        self.v_in = [zeros(b, c, layer.reach + height, width + 2 * layer.reach)
+                     for layer in self.layers]
+        self.v_above = [zeros(b, 2 * c, 1, width) for _ in self.layers]  # last final row's v_pre
+        self.rows = [zeros(layer.h_pad + width, b, c) for layer in self.layers]
+        self.row_terms = [zeros(width, b, 2 * c) for _ in self.layers]
+        self.pre = [zeros(b, 2 * c) for _ in self.layers]  # a site's pre-activations, reused
+        self.output = zeros(width, b, c)  # the last layer's horizontal stack along the row
+        self.v_bias, self.h_bias = [], []  # (1, 2C, H, W); (H, W, 1, 2C) with both conv biases
+        for layer, (bias_v, bias_h) in zip(self.layers, model.position_biases(height, width),
+                                           strict=True):
+            self.v_bias.append(bias_v.expand(1, -1, height, width))
+            constant = (layer.h_conv.bias + layer.v_to_h.bias).view(1, -1, 1, 1)
+            self.h_bias.append((bias_h + constant).expand(1, -1, height, width)
+                               .permute(2, 3, 0, 1))
+        self.v_to_h = [self._matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
+        hidden, last = model.head[1], model.head[3]
+        self.head_weights = (self._matrix(hidden), hidden.bias, self._matrix(last), last.bias)
+        self.steps = [self._site_plan(col) for col in range(width)]
+        if first_row > 0:
+            self._update_vertical(0, first_row)
 
-    def set_site(self, r: int, c: int, indices: torch.Tensor) -> None:
-        """Write the embedding of the chosen (B,) indices at (r, c) into the first layer."""
-        e = self.model.embedding(indices)  # (B, C)
+    def _site_plan(self, col: int) -> list[tuple]:
+        """Per layer, the views and weights that computing column `col` reads and writes."""
+        plan = []
+        for i, layer in enumerate(self.layers):
+            row, d, pre = self.rows[i], layer.dilation, self.pre[i]
+            weight = layer.h_conv.weight[:, :, 0]  # (2C, C, taps)
+            taps = [(row[col + j * d], weight[:, :, j].t()) for j in range(weight.shape[-1])]
+            site = None if layer.first else row[col + layer.h_pad]  # the residual input
+            nxt = self.rows[i + 1][col + self.layers[i + 1].h_pad] \
+                if i + 1 < len(self.layers) else self.output[col]
+            plan.append((taps, self.row_terms[i][col], pre, *pre.chunk(2, dim=1), site,
+                         self._matrix(layer.h_out), layer.h_out.bias, nxt))
+        return plan
+
+    def start_row(self, r: int) -> None:
+        """Load row r's given codes into the first layer and each layer's per-site term."""
         first = self.layers[0]
-        self.v_in[0][:, :, r + first.reach, c + first.reach] = e
-        self.h_in[0][:, :, r, c + first.h_pad] = e
+        embedded = F.embedding(self.grid[:, r].clamp(min=0), self.embedding)  # (B, W, C)
+        self.rows[0][first.h_pad:] = embedded.transpose(0, 1)
+        for i in range(len(self.layers)):
+            above = self.v_above[i][:, :, 0].permute(2, 0, 1)  # (W, B, 2C)
+            torch.add(above @ self.v_to_h[i], self.h_bias[i][r], out=self.row_terms[i])
 
-    def update_vertical_row(self, r: int) -> None:
+    def advance(self, col: int) -> torch.Tensor:
+        """Every layer's horizontal stack at column `col`; returns the last layer's (B, C)."""
+        for taps, term, pre, a, b, site, w_out, b_out, nxt in self.steps[col]:
+            (x, w), *rest = taps
+            torch.addmm(term, x, w, out=pre)  # (B, 2C), whose halves are the views a and b
+            for x, w in rest:
+                pre.addmm_(x, w)
+            gated = torch.tanh(a).mul_(torch.sigmoid(b))
+            if site is None:
+                torch.addmm(b_out, gated, w_out, out=nxt)
+            else:
+                torch.add(site, torch.addmm(b_out, gated, w_out), out=nxt)
+        return nxt
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, C) → (B, K) logits: the model's head as two matmuls."""
+        w1, b1, w2, b2 = self.head_weights
+        return torch.addmm(b2, torch.addmm(b1, torch.relu(h), w1).relu_(), w2)
+
+    def set_site(self, col: int, indices: torch.Tensor) -> None:
+        """Feed the chosen (B,) codes at `col` of the current row to the first layer."""
+        first = self.layers[0]
+        torch.index_select(self.embedding, 0, indices, out=self.rows[0][col + first.h_pad])
+
+    def finish_row(self, r: int) -> None:
         """Recompute every layer's vertical stack at row r, which is now final."""
-        for i, layer in enumerate(self.layers):
-            v_pre = (layer.vertical(self.v_in[i][:, :, r: r + layer.reach + 1])  # (B, 2C, 1, W)
-                     + self.biases[i][0][:, :, r: r + 1])
-            self.v_pre[i][:, :, r + 1] = v_pre[:, :, 0]
-            if i + 1 < len(self.layers):
-                nxt = self.layers[i + 1]
-                self.v_in[i + 1][:, :, r + nxt.reach, nxt.reach: -nxt.reach] = _gate(v_pre)[:, :, 0]
+        self._update_vertical(r, r + 1)
 
-    def update_horizontal_site(self, r: int, c: int) -> torch.Tensor:
-        """Recompute every layer's horizontal stack at (r, c); returns the last one (B, C, 1, 1)."""
-        h = None
+    def _update_vertical(self, start: int, stop: int) -> None:
+        """Every layer's vertical stack at rows start..stop−1, all final."""
+        x = F.embedding(self.grid[:, start:stop], self.embedding).permute(0, 3, 1, 2)
+        width = x.shape[-1]
         for i, layer in enumerate(self.layers):
-            window = self.h_in[i][:, :, r: r + 1, c: c + layer.reach + 1]  # (B, C, 1, reach+1)
-            h_site = self.h_in[i][:, :, r: r + 1, c + layer.h_pad: c + layer.h_pad + 1]
-            h_pre = layer.h_conv(window) + self.biases[i][1][:, :, r: r + 1, c: c + 1]
-            h = layer.horizontal(h_pre, self.v_pre[i][:, :, r: r + 1, c: c + 1], h_site)
-            if i + 1 < len(self.layers):
-                nxt = self.layers[i + 1]
-                self.h_in[i + 1][:, :, r, c + nxt.h_pad] = h[:, :, 0, 0]
-        return h
+            pad = layer.reach
+            self.v_in[i][:, :, start + pad: stop + pad, pad: pad + width] = x
+            v_pre = (layer.vertical(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
+                     + self.v_bias[i][:, :, start: stop])
+            self.v_above[i] = v_pre[:, :, -1:]
+            x = _gate(v_pre)
+
+    @staticmethod
+    def _matrix(conv: nn.Conv2d) -> torch.Tensor:
+        """A 1×1 convolution's weight as the (C_in, C_out) matrix that right-multiplies rows."""
+        return conv.weight[:, :, 0, 0].t()
 
 
 def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:

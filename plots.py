@@ -73,6 +73,52 @@ def save_line_plot(x: Sequence[float], series: dict[str, Sequence[float]], path:
     _save(fig, path)
 
 
+def save_line_panels(x: Sequence[float], panels: dict[str, dict[str, Sequence[float]]],
+                     path: Path, title: str, xlabel: str) -> None:
+    """One panel per entry of `panels` (its key is the y label), stacked over a shared x axis,
+    with one line per series."""
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(6, 2.6 * len(panels)))
+    for ax, (ylabel, series) in zip(axes[:, 0], panels.items(), strict=True):
+        for name, ys in series.items():
+            ax.plot(x, ys, marker="o", ms=3, label=name)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_heatmap_grid(images: Sequence[Sequence[np.ndarray]],
+                      heat: Sequence[Sequence[np.ndarray | None]], path: Path,
+                      col_titles: Sequence[str], vmax: float, label: str,
+                      cell_inches: float = 2.2) -> None:
+    """images[row][col] are (H, W) images in [0, 1] shown grey; where heat[row][col] is not None,
+    that coarser map is stretched over the image (nearest neighbour) in semi-transparent
+    colour, on one scale from 0 to `vmax` with a shared colour bar."""
+    n_rows, n_cols = len(images), len(images[0])
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
+                             figsize=(cell_inches * n_cols + 0.8, cell_inches * n_rows))
+    shown = None
+    for r in range(n_rows):
+        for c in range(n_cols):
+            ax, image = axes[r][c], images[r][c]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if heat[r][c] is not None:
+                height, width = image.shape
+                shown = ax.imshow(heat[r][c], cmap="inferno", vmin=0, vmax=vmax, alpha=0.6,
+                                  interpolation="nearest", extent=(0, width, height, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=9)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -3,30 +3,31 @@ inpaint masked regions, and (with --evaluate) write metrics.json.
 
     python predict.py                      # figures for runs/demo
     python predict.py --run runs/oasis --evaluate --mask my_mask.png
+    python predict.py --surprise           # the prior's surprise at a synthetic lesion
+    python predict.py --reconstruct-dir recon/   # every test reconstruction as 8-bit PNG
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import dataset
+import evaluation
+from evaluation import apply_mask, evenly_spaced, sites_to_pixels, to_uint8
 from io_utils import RunError, load_checkpoint, write_json
-from metrics import batch_scores, codebook_stats, mean_scores
 from modules import PixelCNN, PriorConfig
-from plots import save_grid
-from train import (
-    encode_images,
-    evaluate_prior,
-    load_vqvae,
-    pick_device,
-    stage_checkpoint,
-)
+from plots import save_grid, save_heatmap_grid, save_line_panels
+from train import encode_images, load_vqvae, pick_device, stage_checkpoint
 
 # ---- Edit these, or override them with command-line flags --------------------------------
 RUN_DIR = "runs/demo"
@@ -35,6 +36,11 @@ N_SHOW = 6  # test images in the reconstruction and inpainting figures
 N_SAMPLES = 8  # brains generated from scratch
 TEMPERATURE = 1.0
 SEED = 0
+N_EVAL_SAMPLES = 64  # generated brains scored for memorisation and diversity (--evaluate)
+N_INPAINT = 8  # test images inpainted for the inpainting metrics (--evaluate)
+GIBBS_SWEEPS = 1  # full-context inpainting: Gibbs sweeps over the masked sites ...
+GIBBS_TOP_K = 4  # ... choosing among this many codes at each site
+N_SURPRISE = 16  # test images that get a synthetic lesion (--surprise)
 # --------------------------------------------------------------------------------------------
 
 
@@ -68,6 +74,18 @@ class Run:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.prior.sample(indices.to(self.device), temperature, generator).cpu()
 
+    def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
+                top_k: int) -> torch.Tensor:
+        """Fill the −1 entries: raster sampling, then `sweeps` full-context Gibbs sweeps."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return inpaint_full_context(self.prior, indices.to(self.device), sweeps, generator,
+                                    top_k, temperature).cpu()
+
+    def surprise(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 32, 32) indices → (B, 32, 32) bits: −log₂ p(index | earlier indices)."""
+        return torch.cat([surprise_bits(self.prior, b.to(self.device)).cpu()
+                          for b in indices.split(32)])
+
 
 def load_prior(path: Path, device: torch.device) -> PixelCNN:
     state = load_checkpoint(path)
@@ -80,12 +98,84 @@ def load_prior(path: Path, device: torch.device) -> PixelCNN:
     return model.to(device).eval()
 
 
+# ------------------------------------------------------------------ prior: whole-grid uses
+@torch.no_grad()
+def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = GIBBS_SWEEPS,
+                         generator: torch.Generator | None = None, top_k: int = GIBBS_TOP_K,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Fill every −1 in `indices` (B, H, W) by raster sampling, then resample each filled site
+    `sweeps` times in turn (Gibbs) from p(site | every other index), given indices after it
+    included; given indices are kept.
+
+    p(site = k | rest) ∝ Π over the site and every later site s of p(i_s | sites before s),
+    i.e. the grid's likelihood with k at the site. It is evaluated for the `top_k` codes most
+    likely under the site's own conditional: one batched forward pass per site. When no given
+    index follows a hole, raster sampling already conditions on all of them and is returned.
+    """
+    holes = indices == -1
+    grids = prior.sample(indices, temperature, generator)
+    if sweeps < 1 or not _given_after_holes(holes):
+        return grids
+    logits = prior(grids)
+    sites = torch.nonzero(holes.any(dim=0)).tolist()  # raster order
+    for _ in range(sweeps):
+        for r, c in sites:
+            items = torch.nonzero(holes[:, r, c]).squeeze(1)
+            codes, new_logits = _gibbs_site(prior, grids[items], logits[items], r, c, top_k,
+                                            temperature, generator)
+            grids[items, r, c] = codes
+            logits[items] = new_logits
+    return grids
+
+
+def _gibbs_site(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: int, c: int,
+                top_k: int, temperature: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw site (r, c) of each grid (B, H, W) given everything else; `logits` (B, K, H, W)
+    are the prior's for the grids. Returns the new codes and the logits of the new grids."""
+    b, k = len(grids), min(top_k, logits.shape[1])
+    candidates = logits[:, :, r, c].topk(k, dim=1).indices  # (B, k)
+    trials = grids.repeat_interleave(k, dim=0)
+    trials[:, r, c] = candidates.flatten()
+    trial_logits = prior(trials)
+    log_p = -F.cross_entropy(trial_logits, trials, reduction="none").flatten(1)
+    # Sites before (r, c) do not see it: only the site and later ones tell candidates apart.
+    log_likelihood = log_p[:, r * grids.shape[2] + c:].double().sum(1).view(b, k)
+    weights = torch.softmax(log_likelihood / temperature, dim=1)
+    pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    chosen = torch.arange(b, device=grids.device) * k + pick
+    return trials[chosen, r, c], trial_logits[chosen]
+
+
+def _given_after_holes(holes: torch.Tensor) -> bool:
+    """Whether any given index comes after a hole of its grid in raster order."""
+    flat = holes.flatten(1)
+    return bool(((flat.cumsum(1) > 0) & ~flat).any())
+
+
+@torch.no_grad()
+def surprise_bits(prior: PixelCNN, indices: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) indices → (B, H, W) −log₂ p(index | earlier indices), from one forward pass."""
+    return F.cross_entropy(prior(indices), indices, reduction="none") / math.log(2)
+
+
 # ------------------------------------------------------------------------------------ masks
 def bottom_half_mask(grid: int = 32) -> torch.Tensor:
     """(grid, grid) bool, True where indices are to be generated."""
     mask = torch.zeros(grid, grid, dtype=torch.bool)
     mask[grid // 2:] = True
     return mask
+
+
+def centre_square_mask(grid: int = 32, side: int = 12) -> torch.Tensor:
+    """(grid, grid) bool: a side × side square of sites in the middle (10:22 for 32, 12)."""
+    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    start = (grid - side) // 2
+    mask[start:start + side, start:start + side] = True
+    return mask
+
+
+INPAINT_MASKS = {"bottom_half": bottom_half_mask(), "centre_square": centre_square_mask()}
 
 
 def load_mask(path: Path, grid: int = 32, image_size: int = 256) -> torch.Tensor:
@@ -106,17 +196,9 @@ def load_mask(path: Path, grid: int = 32, image_size: int = 256) -> torch.Tensor
     return mask
 
 
-def apply_mask(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    masked = indices.clone()
-    masked[:, mask] = -1
-    return masked
-
-
 def show_mask(images: np.ndarray, mask: torch.Tensor) -> np.ndarray:
     """Images with the masked sites' patches dimmed to a flat grey, for display."""
-    patch = images.shape[-1] // mask.shape[-1]
-    big = mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
-    return np.where(big, 0.25, images)
+    return np.where(sites_to_pixels(mask, images.shape[-1]), 0.25, images)
 
 
 # ---------------------------------------------------------------------------------- figures
@@ -150,22 +232,96 @@ def figure_inpainting(run: Run, images: torch.Tensor, mask: torch.Tensor, temper
     save_grid(cells, path, ["original", "masked", "completed"])
 
 
+def figure_inpainting_methods(inpainting: evaluation.Inpainting, n: int, path: Path) -> None:
+    """Originals, masked, raster-only and full-context completions of the first n images."""
+    masked = show_mask(inpainting.originals, inpainting.mask)
+    columns = (inpainting.originals, masked, inpainting.raster, inpainting.full)
+    save_grid([list(row) for row in zip(*columns, strict=True)][:n], path,
+              ["original", "masked", "raster", "full context"])
+
+
+def figure_scores_by_slice(per_slice: dict[str, dict], path: Path) -> None:
+    positions = [int(p) for p in per_slice]
+    column = {key: [row[key] for row in per_slice.values()]
+              for key in ("ssim", "ssim_brain", "psnr", "psnr_brain")}
+    save_line_panels(positions, {
+        "SSIM": {"whole slice": column["ssim"], "brain": column["ssim_brain"]},
+        "PSNR (dB)": {"whole slice": column["psnr"], "brain": column["psnr_brain"]},
+    }, path, "test reconstructions by slice position", "slice index")
+
+
+def figure_surprise(study: evaluation.LesionStudy, n: int, path: Path) -> None:
+    """Slices without and with a lesion, each beside its per-site surprise."""
+    images = [[clean, clean, lesioned, lesioned]
+              for clean, lesioned in zip(study.clean[:n], study.lesioned[:n], strict=True)]
+    heat = [[None, cb, None, lb]
+            for cb, lb in zip(study.clean_bits[:n], study.lesion_bits[:n], strict=True)]
+    vmax = float(np.percentile(np.concatenate([study.clean_bits, study.lesion_bits]), 99.5))
+    save_heatmap_grid(images, heat, path, ["test slice", "surprise", "with lesion", "surprise"],
+                      vmax=vmax, label="−log₂ p(index | earlier) [bits]")
+
+
 def _rows(items: list[np.ndarray], per_row: int) -> list[list[np.ndarray]]:
     """Split into rows of `per_row`, padding the last row with blank cells."""
     items = items + [np.zeros_like(items[0])] * (-len(items) % per_row)
     return [items[i:i + per_row] for i in range(0, len(items), per_row)]
 
 
-# ---------------------------------------------------------------------------------- metrics
-def evaluate(run: Run, test: dataset.SliceSet) -> dict[str, float]:
-    indices = run.encode(test.images)
-    scores = mean_scores(batch_scores(torch.from_numpy(run.to_unit(test.images)),
-                                      torch.from_numpy(run.decode(indices))))
-    metrics = {f"test_{k}": v for k, v in scores.items()}
-    metrics.update(codebook_stats(indices, run.vqvae.cfg.n_codes))
-    metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32)
-    metrics["n_test_images"] = len(test)
+# ---------------------------------------------------------------------------------- outputs
+def write_reconstructions(names: list[str], reconstructions: np.ndarray, folder: Path) -> None:
+    """Each reconstruction as an 8-bit grayscale PNG named as its input (.png suffix)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, to_uint8(reconstructions), strict=True):
+        Image.fromarray(image).save(folder / Path(name).with_suffix(".png").name)
+    print(f"{len(names)} reconstructions in {folder}")
+
+
+def evaluate(run: Run, test: dataset.SliceSet, indices: torch.Tensor,
+             reconstructions: np.ndarray, args: argparse.Namespace, out: Path) -> dict:
+    """metrics.json's contents, and the figures that go with them."""
+    metrics = _timed("reconstructions", evaluation.reconstruction_metrics, run, test, indices,
+                     reconstructions)
+    if "per_slice_position" in metrics:
+        figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
+    metrics.update(_timed("samples", evaluation.sample_metrics, run, args.n_eval_samples,
+                          args.temperature, args.seed, reconstructions))
+    chosen = test.images[evenly_spaced(len(test), args.n_inpaint)]
+    inpainting, completions = _timed(
+        "inpainting", evaluation.inpainting_metrics, run, chosen, INPAINT_MASKS,
+        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_top_k)
+    metrics.update(inpainting)
+    figure_inpainting_methods(completions["centre_square"], args.n_show,
+                              out / "inpainting_centre_square.png")
     return metrics
+
+
+def lesion_surprise(run: Run, test: dataset.SliceSet, args: argparse.Namespace,
+                    out: Path) -> dict:
+    """The synthetic-lesion study: surprise.json in the run, and its figure."""
+    study = _timed("surprise", evaluation.lesion_study, run,
+                   test.images[evenly_spaced(len(test), args.n_surprise)], args.seed)
+    figure_surprise(study, min(args.n_show, 4), out / "surprise.png")
+    metrics = evaluation.surprise_metrics(study)
+    write_json(metrics, run.path / "surprise.json")
+    return metrics
+
+
+T = TypeVar("T")
+
+
+def _timed(what: str, function: Callable[..., T], *args: Any) -> T:
+    start = time.time()
+    result = function(*args)
+    print(f"{what}: {time.time() - start:.1f}s", flush=True)
+    return result
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:>40}: {value:.4f}")
+        elif not isinstance(value, dict):
+            print(f"{key:>40}: {value}")
 
 
 # ------------------------------------------------------------------------------------- main
@@ -180,7 +336,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--mask", type=Path, help="inpainting mask: PNG/.npy, 32×32 or 256×256")
     p.add_argument("--seed", type=int, default=SEED)
-    return p.parse_args(argv)
+    p.add_argument("--reconstruct-dir", type=Path,
+                   help="write every test reconstruction there as an 8-bit PNG, named as its "
+                        "input")
+    p.add_argument("--n-eval-samples", type=int, default=N_EVAL_SAMPLES,
+                   help="generated brains scored for memorisation and diversity")
+    p.add_argument("--n-inpaint", type=int, default=N_INPAINT,
+                   help="test images inpainted for the inpainting metrics")
+    p.add_argument("--gibbs-sweeps", type=int, default=GIBBS_SWEEPS,
+                   help="full-context inpainting: Gibbs sweeps over the masked sites")
+    p.add_argument("--gibbs-top-k", type=int, default=GIBBS_TOP_K,
+                   help="full-context inpainting: candidate codes per site")
+    p.add_argument("--surprise", action="store_true",
+                   help="surprise maps of test slices with a synthetic lesion: "
+                        "figures/surprise.png and surprise.json")
+    p.add_argument("--n-surprise", type=int, default=N_SURPRISE,
+                   help="test slices that get a lesion for --surprise")
+    args = p.parse_args(argv)
+    for flag in ("n_eval_samples", "n_inpaint", "gibbs_top_k", "n_surprise"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
 
 
 def run_predict(args: argparse.Namespace) -> Path:
@@ -197,11 +373,18 @@ def run_predict(args: argparse.Namespace) -> Path:
     if args.mask:
         figure_inpainting(run, show, load_mask(args.mask), args.temperature, args.seed,
                           out / "inpainting_custom.png")
+    if args.evaluate or args.reconstruct_dir:
+        indices = run.encode(test.images)
+        reconstructions = run.decode(indices)
+    if args.reconstruct_dir:
+        write_reconstructions(test.names, reconstructions, args.reconstruct_dir)
+    metrics = evaluate(run, test, indices, reconstructions, args, out) if args.evaluate else {}
+    if args.surprise:
+        metrics.update(lesion_surprise(run, test, args, out))
     print(f"figures in {out}")
     if args.evaluate:
-        metrics = evaluate(run, test)
         write_json(metrics, run.path / "metrics.json")
-        print("\n".join(f"{k:>28}: {v:.4f}" for k, v in metrics.items()))
+    _print_metrics(metrics)
     return run.path
 
 

@@ -10,7 +10,6 @@ import argparse
 import math
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import dataset
+import engine
 from io_utils import RunError, load_checkpoint, save_checkpoint, write_csv, write_json
-from metrics import batch_scores, codebook_stats, mean_scores
+from metrics import batch_scores, codebook_stats_from_counts
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
 from plots import save_grid, save_loss_curves
 
@@ -99,12 +98,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Shuffled index batches for one epoch, reproducible from (seed, epoch)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return list(order.split(batch_size))
-
-
 def random_crops(images: torch.Tensor, size: int, generator: torch.Generator,
                  margin: int = 16, lattice: int = 8) -> torch.Tensor:
     """(B, H, W) → (B, size, size) crops at random offsets on the code lattice (multiples of
@@ -173,23 +166,29 @@ def write_history(run: Path, stage: str, history: list[dict[str, float]], keys: 
                      ylabel=ylabel, log_y=stage == "vqvae")
 
 
-def checkpoint_state(model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-                     scheduler: Any, epoch: int, best: float, history: list[dict[str, float]],
-                     model_config: Any, stage: StageSettings, extra: dict[str, Any]) -> dict:
-    return {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val": best,
-            "history": history, "model_config": asdict(model_config),
-            "stage_settings": asdict(stage), **extra}
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap in DistributedDataParallel under torchrun; the model itself otherwise."""
+    if engine.world()[1] == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def save_stage(run: Path, stage: str, state: dict, is_best: bool) -> None:
-    save_checkpoint(state, stage_checkpoint(run, stage, "last"))
-    if is_best:
-        save_checkpoint(state, stage_checkpoint(run, stage, "best"))
+def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_samples: int,
+               args: argparse.Namespace, device: torch.device, **parts: Any) -> engine.Stage:
+    optimiser = make_optimiser(model, settings, device)
+    steps = settings.epochs * math.ceil(n_samples / settings.batch_size)
+    return engine.Stage(
+        name=name, model=data_parallel(model, device), optimiser=optimiser,
+        scheduler=warmup_cosine(optimiser, steps, settings.warmup_steps),
+        epochs=settings.epochs, n_samples=n_samples, batch_size=settings.batch_size,
+        seed=args.seed, grad_clip=settings.grad_clip, checkpoint_every=args.checkpoint_every,
+        **parts)
 
 
 # ------------------------------------------------------------------------- stage 1: VQ-VAE
-def vqvae_losses(model: VQVAE, x: torch.Tensor, l1_weight: float) -> dict[str, torch.Tensor]:
+def vqvae_losses(model: torch.nn.Module, x: torch.Tensor,
+                 l1_weight: float) -> dict[str, torch.Tensor]:
     out = model(x)
     recon = F.mse_loss(out.reconstruction.float(), x)
     loss = recon + out.vq_loss
@@ -202,26 +201,30 @@ def vqvae_losses(model: VQVAE, x: torch.Tensor, l1_weight: float) -> dict[str, t
 @torch.no_grad()
 def evaluate_vqvae(model: VQVAE, images: torch.Tensor, norm: dataset.Normalisation,
                    device: torch.device, batch_size: int) -> dict[str, float]:
-    """Validation losses, SSIM/PSNR in [0, 1] and codebook health over the whole split."""
+    """Validation losses, SSIM/PSNR in [0, 1] and codebook health over the whole split (each
+    rank scores its share of the split; the sums are reduced across ranks)."""
     model.eval()
     sums: dict[str, float] = {}
-    scores, all_indices = [], []
-    for batch in torch.arange(len(images)).split(batch_size):
+    counts = torch.zeros(model.cfg.n_codes, dtype=torch.float64)
+    for batch in engine.shard(torch.arange(len(images))).split(batch_size):
         x = to_model_input(images[batch], norm, device)
         with autocast(device):
             out = model(x)
         recon = out.reconstruction.float()
-        parts = {"recon": F.mse_loss(recon, x), "codebook": out.codebook_loss,
-                 "commitment": out.commitment_loss}
+        scores = batch_scores(norm.denormalise(x.cpu()), norm.denormalise(recon.cpu()))
+        parts = {"recon": F.mse_loss(recon, x).item() * len(batch),
+                 "codebook": out.codebook_loss.item() * len(batch),
+                 "commitment": out.commitment_loss.item() * len(batch),
+                 "ssim": sum(row["ssim"] for row in scores),
+                 "psnr": sum(row["psnr"] for row in scores)}
         for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.item() * len(batch)
-        scores += batch_scores(norm.denormalise(x.cpu()), norm.denormalise(recon.cpu()))
-        all_indices.append(out.indices.cpu())
-    result = {f"val_{k}": v / len(images) for k, v in sums.items()}
-    ssim = mean_scores(scores)
-    result.update(val_ssim=ssim["ssim"], val_psnr=ssim["psnr"])
-    result.update(codebook_stats(torch.cat(all_indices), model.cfg.n_codes))
-    return result
+            sums[key] = sums.get(key, 0.0) + value
+        counts += torch.bincount(out.indices.flatten().cpu(), minlength=model.cfg.n_codes)
+    sums = engine.all_reduce_sum(sums)
+    if engine.world()[1] > 1:
+        torch.distributed.all_reduce(counts)
+    return {**{f"val_{k}": v / len(images) for k, v in sums.items()},
+            **codebook_stats_from_counts(counts)}
 
 
 @torch.no_grad()
@@ -237,43 +240,20 @@ def save_reconstruction_grid(model: VQVAE, images: torch.Tensor, norm: dataset.N
 def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], run: Path,
                 device: torch.device) -> None:
     refuse_overwrite(run, "vqvae", args)
-    cfg, stage = args.vqvae_config, args.vqvae_stage
+    cfg, settings = args.vqvae_config, args.vqvae_stage
     train_images, val_images = splits["train"].images, splits["validate"].images
     norm = dataset.compute_normalisation(train_images)
     model = VQVAE(cfg).to(device).to(memory_format=torch.channels_last)
-    optimiser = make_optimiser(model, stage, device)
-    n_samples = len(train_images) * stage.crops_per_image
-    steps_per_epoch = math.ceil(n_samples / stage.batch_size)
-    scheduler = warmup_cosine(optimiser, stage.epochs * steps_per_epoch, stage.warmup_steps)
-    start, best, history = 1, float("inf"), []
-    if args.resume and stage_checkpoint(run, "vqvae", "last").exists():
-        start, best, history, norm = resume(run, "vqvae", model, optimiser, scheduler)
     grid_images = val_images[torch.linspace(0, len(val_images) - 1, N_GRID_IMAGES).long()]
-    extra = {"normalisation": norm.to_dict(), "data_root": str(args.data_root)}
-    for epoch in range(start, stage.epochs + 1):
-        started = time.time()
-        model.train()
-        sums = {"loss": 0.0, "recon": 0.0, "codebook": 0.0, "commitment": 0.0}
-        batches = epoch_batches(n_samples, stage.batch_size, args.seed, epoch)
-        crop_rng = torch.Generator().manual_seed(args.seed * 100_003 + epoch + 1)
-        bar = tqdm(batches, desc=f"vqvae {epoch}/{stage.epochs}", leave=False, dynamic_ncols=True)
-        for batch in bar:
-            crops = random_crops(train_images[batch % len(train_images)], stage.crop, crop_rng)
-            x = to_model_input(crops, norm, device)
-            with autocast(device):
-                losses = vqvae_losses(model, x, stage.l1_weight)
-            optimisation_step(model, optimiser, scheduler, losses["loss"], stage.grad_clip)
-            for key in sums:
-                sums[key] += losses[key].item() * len(batch)
-            bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
-        row = {"epoch": epoch, **{f"train_{k}": v / n_samples for k, v in sums.items()},
-               **evaluate_vqvae(model, val_images, norm, device, stage.batch_size),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
-        history.append(row)
-        is_best = row["val_recon"] < best
-        best = min(best, row["val_recon"])
-        save_stage(run, "vqvae", checkpoint_state(model, optimiser, scheduler, epoch, best,
-                                                  history, cfg, stage, extra), is_best)
+
+    def step(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # crops for the whole global batch, so the RNG advances alike on every rank
+        crops = random_crops(train_images[batch % len(train_images)], settings.crop, generator)
+        with autocast(device):
+            return vqvae_losses(stage.model, to_model_input(engine.shard(crops), norm, device),
+                                settings.l1_weight)
+
+    def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
         save_reconstruction_grid(model, grid_images, norm, device,
                                  run / "reconstructions" / f"epoch_{epoch:03d}.png")
         write_history(run, "vqvae", history, ["train_recon", "val_recon", "train_commitment",
@@ -283,30 +263,14 @@ def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], r
               f"codes used {row['codebook_usage']:.1%} perplexity "
               f"{row['codebook_perplexity']:.1f} ({row['seconds']:.0f}s)", flush=True)
 
-
-def optimisation_step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
-                      loss: torch.Tensor, grad_clip: float) -> None:
-    if not torch.isfinite(loss):
-        raise RunError(f"loss became {loss.item()} at optimiser step {scheduler.last_epoch}: "
-                       "lower the learning rate; the last good checkpoint is kept")
-    optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimiser.step()
-    scheduler.step()
-
-
-def resume(run: Path, stage: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
-           scheduler: Any) -> tuple[int, float, list, Any]:
-    state = load_checkpoint(stage_checkpoint(run, stage, "last"))
-    model.load_state_dict(state["model"])
-    optimiser.load_state_dict(state["optimiser"])
-    scheduler.load_state_dict(state["scheduler"])
-    norm = dataset.Normalisation.from_dict(state["normalisation"]) if "normalisation" in state \
-        else None
-    print(f"resuming {stage} after epoch {state['epoch']}")
-    return state["epoch"] + 1, state["best_val"], state["history"], norm
+    stage = make_stage(
+        "vqvae", model, settings, len(train_images) * settings.crops_per_image, args, device,
+        step=step, monitor="val_recon", after_epoch=after_epoch,
+        evaluate=lambda: evaluate_vqvae(model, val_images, norm, device, settings.batch_size),
+        checkpoint_extra=lambda: {"model_config": asdict(cfg), "stage_settings": asdict(settings),
+                                  "normalisation": norm.to_dict(),
+                                  "data_root": str(args.data_root)})
+    engine.fit(stage, run, args.resume)
 
 
 # ---------------------------------------------------------------- encoding between the stages
@@ -340,7 +304,8 @@ def encode_splits(run: Path, splits: dict[str, dataset.SliceSet],
     for name, split in splits.items():
         indices[name] = encode_images(model, split.images, norm, device)
         indices[f"{name}_names"] = list(split.names)
-    save_checkpoint(indices, run / "indices.pt")
+    if engine.is_main():
+        save_checkpoint(indices, run / "indices.pt")
     return indices
 
 
@@ -348,53 +313,47 @@ def encode_splits(run: Path, splits: dict[str, dataset.SliceSet],
 @torch.no_grad()
 def evaluate_prior(model: PixelCNN, grids: torch.Tensor, device: torch.device,
                    batch_size: int) -> float:
-    """Mean bits per index over a split."""
+    """Mean bits per index over a split (each rank scores its share; sums are reduced)."""
     model.eval()
     total = 0.0
-    for batch in torch.arange(len(grids)).split(batch_size):
+    for batch in engine.shard(torch.arange(len(grids))).split(batch_size):
         with autocast(device):
             total += model.bits_per_index(grids[batch].long().to(device)).item() * len(batch)
-    return total / len(grids)
+    return engine.all_reduce_sum({"bits": total})["bits"] / len(grids)
 
 
 def train_prior(args: argparse.Namespace, indices: dict[str, Any], run: Path,
                 device: torch.device) -> None:
     refuse_overwrite(run, "prior", args)
-    stage = args.prior_stage
+    settings = args.prior_stage
     cfg = PriorConfig(**{**asdict(args.prior_config), "n_codes": indices["n_codes"]})
     train_grids, val_grids = indices["train"], indices["validate"]
     model = PixelCNN(cfg).to(device)
-    optimiser = make_optimiser(model, stage, device)
-    steps_per_epoch = math.ceil(len(train_grids) / stage.batch_size)
-    scheduler = warmup_cosine(optimiser, stage.epochs * steps_per_epoch, stage.warmup_steps)
-    start, best, history = 1, float("inf"), []
-    if args.resume and stage_checkpoint(run, "prior", "last").exists():
-        start, best, history, _ = resume(run, "prior", model, optimiser, scheduler)
-    extra = {"vqvae_epoch": indices["vqvae_epoch"]}
-    for epoch in range(start, stage.epochs + 1):
-        started = time.time()
-        model.train()
-        total = 0.0
-        batches = epoch_batches(len(train_grids), stage.batch_size, args.seed, epoch)
-        bar = tqdm(batches, desc=f"prior {epoch}/{stage.epochs}", leave=False, dynamic_ncols=True)
-        for batch in bar:
-            with autocast(device):
-                bits = model.bits_per_index(train_grids[batch].long().to(device))
-            optimisation_step(model, optimiser, scheduler, bits, stage.grad_clip)
-            total += bits.item() * len(batch)
-            bar.set_postfix(bits=f"{bits.item():.3f}")
-        row = {"epoch": epoch, "train_bits_per_index": total / len(train_grids),
-               "val_bits_per_index": evaluate_prior(model, val_grids, device, stage.batch_size),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
-        history.append(row)
-        is_best = row["val_bits_per_index"] < best
-        best = min(best, row["val_bits_per_index"])
-        save_stage(run, "prior", checkpoint_state(model, optimiser, scheduler, epoch, best,
-                                                  history, cfg, stage, extra), is_best)
+
+    def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with autocast(device):
+            bits = _bits(stage.model, engine.shard(train_grids[batch]).long().to(device))
+        return {"loss": bits, "bits_per_index": bits.detach()}
+
+    def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
         write_history(run, "prior", history, ["train_bits_per_index", "val_bits_per_index"],
                       "bits per index")
         print(f"prior epoch {epoch}: bits/index {row['train_bits_per_index']:.3f}/"
               f"{row['val_bits_per_index']:.3f} ({row['seconds']:.0f}s)", flush=True)
+
+    stage = make_stage(
+        "prior", model, settings, len(train_grids), args, device, step=step,
+        monitor="val_bits_per_index", after_epoch=after_epoch,
+        evaluate=lambda: {"val_bits_per_index": evaluate_prior(model, val_grids, device,
+                                                               settings.batch_size)},
+        checkpoint_extra=lambda: {"model_config": asdict(cfg), "stage_settings": asdict(settings),
+                                  "vqvae_epoch": indices["vqvae_epoch"]})
+    engine.fit(stage, run, args.resume)
+
+
+def _bits(model: torch.nn.Module, grids: torch.Tensor) -> torch.Tensor:
+    """Bits per index through the (possibly data-parallel) model's forward."""
+    return F.cross_entropy(model(grids), grids) / math.log(2)
 
 
 # ------------------------------------------------------------------------------------- main
@@ -415,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-lr", type=float, default=PRIOR_LR)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps inside an epoch (0: at epoch ends)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run's stage")
     args = p.parse_args(argv)
     apply_profile(args)
@@ -439,14 +400,15 @@ def _replace(obj: Any, **overrides: Any) -> Any:
 
 
 def run_training(args: argparse.Namespace) -> Path:
+    device = engine.init_distributed()
     seed_everything(args.seed)
-    device = pick_device()
     args.data_root = resolve_data_root(args.data)
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
     splits = dataset.load_splits(args.data_root)
-    print(f"data {args.data_root}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-          + f" | device {device}")
+    if engine.is_main():
+        print(f"data {args.data_root}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+              + f" | device {device} | processes {engine.world()[1]}")
     if args.stage in ("vqvae", "both"):
         train_vqvae(args, splits, run, device)
     if args.stage in ("prior", "both"):
@@ -461,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, dataset.DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"done: {run}")
+    except engine.Interrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if engine.is_main():
+        print(f"done: {run}")
     return 0
 
 

@@ -1,6 +1,7 @@
 import torch
 
-from train import PROFILES, apply_profile, epoch_batches, parse_args, random_crops
+from engine import epoch_batches
+from train import PROFILES, apply_profile, parse_args, random_crops
 
 
 def test_random_crops_sit_on_the_code_lattice_inside_the_margin():

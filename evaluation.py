@@ -1,0 +1,259 @@
+"""What `predict.py --evaluate` and `--surprise` measure on a trained run: reconstructions
+(overall and per slice position), generated samples (memorisation and diversity), inpainting
+with the raster and the full-context sampler, and the prior's surprise at a synthetic lesion."""
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
+
+import dataset
+from io_utils import load_checkpoint
+from metrics import (
+    batch_scores,
+    brain_mask,
+    codebook_stats,
+    masked_scores,
+    mean_scores,
+    ssim,
+)
+from train import evaluate_prior
+
+if TYPE_CHECKING:
+    from predict import Run
+
+MEMORISED_SSIM = 0.98  # samples this close to training images on average are taken for copies
+NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
+NN_CANDIDATES = 16  # ... and this many per query are then scored by SSIM
+LESION_RADIUS_PX = 8
+
+
+# ---------------------------------------------------------------------------- helpers
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] → uint8, as they would be saved to 8-bit PNG."""
+    return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+
+
+def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
+    """Up to n indices spread evenly over range(n_total), first and last included."""
+    return torch.linspace(0, n_total - 1, min(n, n_total)).round().long().unique()
+
+
+def apply_mask(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) indices with the (H, W) bool mask's sites set to −1 (to be filled in)."""
+    masked = indices.clone()
+    masked[:, mask] = -1
+    return masked
+
+
+def sites_to_pixels(mask: torch.Tensor, image_size: int) -> np.ndarray:
+    """(grid, grid) site mask → (image_size, image_size) mask of the sites' patches."""
+    patch = image_size // mask.shape[-1]
+    return mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
+
+
+def pixels_to_sites(mask: np.ndarray, grid: int) -> np.ndarray:
+    """(S, S) pixel mask → (grid, grid): the sites whose patch holds any marked pixel."""
+    patch = mask.shape[-1] // grid
+    return mask.reshape(grid, patch, grid, patch).any(axis=(1, 3))
+
+
+# ------------------------------------------------------------------- reconstructions
+def reconstruction_metrics(run: Run, test: dataset.SliceSet, indices: torch.Tensor,
+                           reconstructions: np.ndarray) -> dict:
+    """Test-split scores of the VQ-VAE and the prior, and the scores per slice position."""
+    rows = batch_scores(torch.from_numpy(run.to_unit(test.images)),
+                        torch.from_numpy(reconstructions))
+    metrics: dict = {f"test_{k}": v for k, v in mean_scores(rows).items()}
+    metrics.update(codebook_stats(indices, run.vqvae.cfg.n_codes))
+    metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32)
+    metrics["n_test_images"] = len(test)
+    by_position = per_slice_position(test.names, rows)
+    if by_position:
+        metrics["per_slice_position"] = by_position
+    return metrics
+
+
+def per_slice_position(names: list[str], rows: list[dict[str, float]]) -> dict[str, dict]:
+    """Mean scores of the images at each slice index (from `case_X_slice_Y` names), keyed by
+    the index as a string and in its order; empty if no name carries a slice index."""
+    groups: dict[int, list[dict[str, float]]] = defaultdict(list)
+    for name, row in zip(names, rows, strict=True):
+        position = dataset.slice_index(name)
+        if position is not None:
+            groups[position].append(row)
+    return {str(p): {**mean_scores(groups[p]), "n_images": len(groups[p])}
+            for p in sorted(groups)}
+
+
+# --------------------------------------------------------------------------- samples
+def sample_metrics(run: Run, n: int, temperature: float, seed: int,
+                   test_reconstructions: np.ndarray) -> dict:
+    """How close n generated brains are to their nearest training image and to each other.
+
+    Samples are compared with the VQ-VAE's reconstructions of the training images (decoded
+    from the run's indices.pt), not the raw images: a copied training grid then scores SSIM 1,
+    whereas against raw images reconstruction error alone would keep every sample below the
+    memorisation threshold. `test_nn_ssim` scores test-image reconstructions the same way: what
+    a new brain from the training distribution gets.
+    """
+    samples = to_uint8(run.decode(run.sample(torch.full((n, 32, 32), -1), temperature, seed)))
+    references = training_reconstructions(run)
+    test = to_uint8(test_reconstructions[evenly_spaced(len(test_reconstructions), n).numpy()])
+    nn_ssim = float(nearest_neighbour_ssim(samples, references)[0].mean())
+    metrics = {
+        "sample_nn_ssim": nn_ssim,
+        "test_nn_ssim": float(nearest_neighbour_ssim(test, references)[0].mean()),
+        "sample_diversity": 1 - mean_pairwise_ssim(samples),
+        "samples_memorised": nn_ssim >= MEMORISED_SSIM,
+        "n_eval_samples": n,
+    }
+    if metrics["samples_memorised"]:
+        print(f"warning: generated brains have a mean SSIM of {nn_ssim:.3f} to their nearest "
+              f"training image (≥ {MEMORISED_SSIM}): the prior may be reproducing training "
+              "slices", file=sys.stderr)
+    return metrics
+
+
+def training_reconstructions(run: Run) -> np.ndarray:
+    """uint8 (N, H, W) decodings of the training split's index grids, the prior's data."""
+    grids = load_checkpoint(run.path / "indices.pt")["train"].long()
+    return np.concatenate([to_uint8(run.decode(chunk)) for chunk in grids.split(256)])
+
+
+def nearest_neighbour_ssim(queries: np.ndarray, references: np.ndarray,
+                           n_candidates: int = NN_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """For each uint8 query (Q, H, W), the highest SSIM to any uint8 reference (N, H, W), and
+    that reference's index. Candidates are shortlisted by L2 distance at NN_SIDE² pixels."""
+    shortlist = torch.cdist(_thumbnails(queries), _thumbnails(references)).topk(
+        min(n_candidates, len(references)), dim=1, largest=False).indices
+    best_ssim, best_index = np.empty(len(queries)), np.empty(len(queries), dtype=np.int64)
+    for q, candidates in enumerate(shortlist.tolist()):
+        scores = [ssim(_unit(queries[q]), _unit(references[c])) for c in candidates]
+        best_ssim[q], best_index[q] = max(scores), candidates[int(np.argmax(scores))]
+    return best_ssim, best_index
+
+
+def mean_pairwise_ssim(images: np.ndarray) -> float:
+    """Mean SSIM over every pair of uint8 images (N, H, W)."""
+    pairs = itertools.combinations(range(len(images)), 2)
+    return float(np.mean([ssim(_unit(images[i]), _unit(images[j])) for i, j in pairs]))
+
+
+def _thumbnails(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) → (N, NN_SIDE²) block means in [0, 1]."""
+    return torch.cat([F.adaptive_avg_pool2d(torch.from_numpy(chunk).float()[:, None] / 255,
+                                            NN_SIDE).flatten(1)
+                      for chunk in np.array_split(images, max(1, len(images) // 512))])
+
+
+def _unit(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) / 255
+
+
+# ------------------------------------------------------------------------ inpainting
+@dataclass
+class Inpainting:
+    """Decoded completions of one mask, images in [0, 1]: raster-only and full-context."""
+    originals: np.ndarray
+    mask: torch.Tensor
+    raster: np.ndarray
+    full: np.ndarray
+
+
+def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
+                       temperature: float, seed: int, sweeps: int,
+                       top_k: int) -> tuple[dict, dict[str, Inpainting]]:
+    """SSIM and PSNR inside each mask's region of the raster and the full-context completions
+    of uint8 `images`, and of the plain reconstruction (what a perfect prior could reach).
+    Both samplers start from the same seed, so the full-context one refines the raster fill."""
+    originals = run.to_unit(images)
+    indices = run.encode(images)
+    metrics: dict = {"inpaint_n_images": len(images), "inpaint_gibbs_sweeps": sweeps,
+                     "inpaint_gibbs_top_k": top_k}
+    reconstructions = run.decode(indices)
+    completions = {}
+    for name, mask in masks.items():
+        masked = apply_mask(indices, mask)
+        decoded = {"reconstruction": reconstructions,
+                   "raster": run.decode(run.inpaint(masked, temperature, seed, 0, top_k)),
+                   "full": run.decode(run.inpaint(masked, temperature, seed, sweeps, top_k))}
+        pixels = sites_to_pixels(mask, images.shape[-1])
+        for method, completed in decoded.items():
+            scores = mean_scores([masked_scores(o, c, pixels)
+                                  for o, c in zip(originals, completed, strict=True)])
+            for key, value in scores.items():
+                metrics[f"inpaint_{name}_{method}_{key}"] = value
+        completions[name] = Inpainting(originals, mask, decoded["raster"], decoded["full"])
+    return metrics, completions
+
+
+# -------------------------------------------------------------------------- surprise
+@dataclass
+class LesionStudy:
+    """Test slices without and with a synthetic lesion, images in [0, 1], and the prior's
+    surprise −log₂ p(index | earlier indices) at every site (n, grid, grid) for both."""
+    clean: np.ndarray
+    lesioned: np.ndarray
+    clean_bits: np.ndarray
+    lesion_bits: np.ndarray
+    lesion_sites: np.ndarray  # (n, grid, grid) bool: sites whose patch the lesion touches
+    brain_sites: np.ndarray  # (n, grid, grid) bool: the other sites, mostly inside the brain
+
+
+def paste_lesion(image: np.ndarray, rng: np.random.Generator,
+                 radius: float = LESION_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
+    """A bright Gaussian blob (σ = radius / 2, peak at the slice's brightest value) pasted at a
+    random point at least 2·radius inside the brain of a uint8 (H, W) slice, where the brain
+    allows. Returns the new slice and the (H, W) mask of the pixels within `radius`."""
+    depth = distance_transform_edt(image > 0)
+    inside = np.argwhere(depth >= min(2 * radius, depth.max()))
+    cy, cx = inside[rng.integers(len(inside))]
+    yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
+    distance2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    blob = float(image.max()) * np.exp(-distance2 / (2 * (radius / 2) ** 2))
+    return np.maximum(image, blob).round().astype(np.uint8), distance2 <= radius ** 2
+
+
+def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:
+    """Paste a lesion into each uint8 slice (N, H, W) that shows brain, and score both
+    versions of those slices with the prior."""
+    images = images[images.flatten(1).amax(1) > 0]
+    rng = np.random.default_rng(seed)
+    lesioned, lesion_pixels = zip(*(paste_lesion(image, rng) for image in images.numpy()),
+                                  strict=True)
+    lesioned_images = torch.from_numpy(np.stack(lesioned))
+    clean_indices, lesion_indices = run.encode(images), run.encode(lesioned_images)
+    grid = clean_indices.shape[-1]
+    clean = run.to_unit(images)
+    lesion_sites = np.stack([pixels_to_sites(m, grid) for m in lesion_pixels])
+    brain_sites = np.stack([_mostly_brain_sites(image, grid) for image in clean])
+    return LesionStudy(
+        clean=clean, lesioned=run.to_unit(lesioned_images),
+        clean_bits=run.surprise(clean_indices).numpy(),
+        lesion_bits=run.surprise(lesion_indices).numpy(),
+        lesion_sites=lesion_sites, brain_sites=brain_sites & ~lesion_sites)
+
+
+def surprise_metrics(study: LesionStudy) -> dict[str, float]:
+    """Mean surprise (bits) at the lesion's sites, at the same sites without the lesion, and
+    at the rest of the brain (lesioned slices)."""
+    return {
+        "surprise_lesion_bits": float(study.lesion_bits[study.lesion_sites].mean()),
+        "surprise_lesion_sites_clean_bits": float(study.clean_bits[study.lesion_sites].mean()),
+        "surprise_brain_bits": float(study.lesion_bits[study.brain_sites].mean()),
+        "surprise_n_images": len(study.clean),
+    }
+
+
+def _mostly_brain_sites(image: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) bool: sites whose patch is at least half brain."""
+    patch = image.shape[-1] // grid
+    return brain_mask(image).reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= 0.5
