@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import distance_transform_edt, uniform_filter
 
 import dataset
 from io_utils import load_checkpoint
@@ -33,6 +33,8 @@ MEMORISED_SSIM = 0.98  # samples this close to training images on average are ta
 NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
 NN_CANDIDATES = 16  # ... and this many per query are then scored by SSIM
 LESION_RADIUS_PX = 8
+LESION_EDGE_PX = 1.5  # width of the lesion's soft edge
+LESION_CONTRAST = 0.7  # lesions go where the tissue around is at most this × their peak
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -210,16 +212,21 @@ class LesionStudy:
 
 def paste_lesion(image: np.ndarray, rng: np.random.Generator,
                  radius: float = LESION_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
-    """A bright Gaussian blob (σ = radius / 2, peak at the slice's brightest value) pasted at a
-    random point at least 2·radius inside the brain of a uint8 (H, W) slice, where the brain
-    allows. Returns the new slice and the (H, W) mask of the pixels within `radius`."""
+    """A bright disc with a soft edge, at the slice's brightest value, blended into a uint8
+    (H, W) slice at a random point at least 2·radius inside the brain (where the brain allows)
+    whose surroundings are darker than the disc, so that it shows. Returns the new slice and
+    the (H, W) mask of the pixels within `radius` of the disc's centre."""
+    peak = float(image.max())
     depth = distance_transform_edt(image > 0)
-    inside = np.argwhere(depth >= min(2 * radius, depth.max()))
-    cy, cx = inside[rng.integers(len(inside))]
+    inside = depth >= min(2 * radius, depth.max())
+    surroundings = uniform_filter(image.astype(np.float64), size=int(2 * radius + 1))
+    darker = inside & (surroundings <= LESION_CONTRAST * peak)
+    cy, cx = rng.choice(np.argwhere(darker if darker.any() else inside))
     yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
-    distance2 = (yy - cy) ** 2 + (xx - cx) ** 2
-    blob = float(image.max()) * np.exp(-distance2 / (2 * (radius / 2) ** 2))
-    return np.maximum(image, blob).round().astype(np.uint8), distance2 <= radius ** 2
+    distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    weight = 1 / (1 + np.exp((distance - radius) / LESION_EDGE_PX))
+    lesioned = image * (1 - weight) + peak * weight
+    return lesioned.round().astype(np.uint8), distance <= radius
 
 
 def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:

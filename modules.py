@@ -105,6 +105,7 @@ class VectorQuantiser(nn.Module):
     def _initialise_from(self, flat: torch.Tensor) -> None:
         if bool(self.initialised):
             return
+        flat = _gather_rows(flat)  # the global batch, so data-parallel runs match one process
         self.codebook.data.copy_(_broadcast(_random_rows(flat, self.n_codes)))
         if self.ema:
             self.ema_sum.copy_(self.codebook)
@@ -135,6 +136,7 @@ class VectorQuantiser(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
+        flat, indices = _gather_rows(flat), _gather_rows(indices)  # every rank has dead codes
         error = (flat - self.codebook[indices]).pow(2).sum(1) + 1e-12
         picks = torch.multinomial(error, n_dead, replacement=error.numel() < n_dead)
         fresh = _broadcast(flat[picks])
@@ -146,10 +148,16 @@ class VectorQuantiser(nn.Module):
 
 
 def _random_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """n rows of `flat` drawn without replacement where there are enough, else with."""
-    if flat.shape[0] >= n:
-        return flat[torch.randperm(flat.shape[0], device=flat.device)[:n]]
-    return flat[torch.randint(flat.shape[0], (n,), device=flat.device)]
+    """n distinct rows of `flat`, at random. The black background makes many encoder outputs
+    identical; duplicate codes would tie exactly in the nearest-code search, and which of the
+    twins wins would then hang on rounding. Missing rows are jittered copies."""
+    rows = torch.unique(flat, dim=0)  # sorted: the same on every rank for the same batch
+    chosen = rows[torch.randperm(len(rows), device=flat.device)[:n]]
+    if len(chosen) < n:
+        extra = chosen[torch.randint(len(chosen), (n - len(chosen),), device=flat.device)]
+        scale = flat.std().clamp(min=1e-3) * 0.01
+        chosen = torch.cat([chosen, extra + torch.randn_like(extra) * scale])
+    return chosen
 
 
 def _distributed() -> bool:
@@ -160,6 +168,20 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _distributed():
         dist.all_reduce(t)
     return t
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order: the global batch under torchrun."""
+    if not _distributed():
+        return t
+    size = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - len(t))).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
 
 
 def _broadcast(t: torch.Tensor) -> torch.Tensor:

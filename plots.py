@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from io_utils import atomic_path
 
@@ -87,6 +88,7 @@ def save_line_panels(x: Sequence[float], panels: dict[str, dict[str, Sequence[fl
         ax.legend(fontsize=8)
     axes[0, 0].set_title(title)
     axes[-1, 0].set_xlabel(xlabel)
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     _save(fig, path)
 

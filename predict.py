@@ -133,18 +133,28 @@ def _gibbs_site(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: i
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw site (r, c) of each grid (B, H, W) given everything else; `logits` (B, K, H, W)
     are the prior's for the grids. Returns the new codes and the logits of the new grids."""
+    candidates, log_likelihood, trial_logits = candidate_likelihoods(prior, grids, logits, r, c,
+                                                                     top_k)
+    weights = torch.softmax(log_likelihood / temperature, dim=1)
+    pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    rows = torch.arange(len(grids), device=grids.device)
+    return candidates[rows, pick], trial_logits.unflatten(0, candidates.shape)[rows, pick]
+
+
+def candidate_likelihoods(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: int,
+                          c: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top_k codes (B, k) of site (r, c)'s own conditional in each grid, the log-likelihood
+    (B, k) of the grid with each of them there (up to a constant per grid), and the logits
+    (B·k, K, H, W) of those grids."""
     b, k = len(grids), min(top_k, logits.shape[1])
-    candidates = logits[:, :, r, c].topk(k, dim=1).indices  # (B, k)
+    candidates = logits[:, :, r, c].topk(k, dim=1).indices
     trials = grids.repeat_interleave(k, dim=0)
     trials[:, r, c] = candidates.flatten()
     trial_logits = prior(trials)
     log_p = -F.cross_entropy(trial_logits, trials, reduction="none").flatten(1)
     # Sites before (r, c) do not see it: only the site and later ones tell candidates apart.
     log_likelihood = log_p[:, r * grids.shape[2] + c:].double().sum(1).view(b, k)
-    weights = torch.softmax(log_likelihood / temperature, dim=1)
-    pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    chosen = torch.arange(b, device=grids.device) * k + pick
-    return trials[chosen, r, c], trial_logits[chosen]
+    return candidates, log_likelihood, trial_logits
 
 
 def _given_after_holes(holes: torch.Tensor) -> bool:

@@ -1,8 +1,11 @@
 """A tiny train + predict run on a handful of real (demo) brain slices."""
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import train
@@ -53,25 +56,73 @@ def test_checkpoint_alone_rebuilds_the_models(trained_run):
     assert norm.std > 0
 
 
-def test_predict_writes_figures_and_metrics(trained_run, tmp_path):
-    mask = tmp_path / "mask.npy"
-    grid = torch.zeros(32, 32)
+@pytest.fixture(scope="module")
+def predicted_run(trained_run, tmp_path_factory):
+    """The tiny run after one `predict.py` with every output switched on, kept cheap."""
+    folder = tmp_path_factory.mktemp("predict")
+    mask = folder / "mask.npy"
+    grid = np.zeros((32, 32))
     grid[10:20, 10:20] = 1
-    import numpy as np
-    np.save(mask, grid.numpy())
+    np.save(mask, grid)
     code = predict.main(["--run", str(trained_run), "--evaluate", "--n-samples", "2",
-                         "--n-show", "2", "--mask", str(mask)])
+                         "--n-show", "2", "--mask", str(mask), "--n-eval-samples", "3",
+                         "--n-inpaint", "2", "--gibbs-top-k", "2", "--surprise",
+                         "--n-surprise", "2", "--reconstruct-dir", str(folder / "recon")])
     assert code == 0
-    figures = trained_run / "figures"
+    return trained_run, folder / "recon"
+
+
+def test_predict_writes_figures_and_metrics(predicted_run):
+    run, _ = predicted_run
+    figures = run / "figures"
     for name in ("reconstructions", "generated_indices", "generated_brains",
-                 "inpainting_bottom_half", "inpainting_custom"):
+                 "inpainting_bottom_half", "inpainting_custom", "inpainting_centre_square",
+                 "ssim_by_slice", "surprise"):
         assert (figures / f"{name}.png").stat().st_size > 0
-    metrics = json.loads((trained_run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert EXPECTED_METRICS <= set(metrics)
     assert metrics["n_test_images"] == 4
     assert 0 < metrics["test_ssim"] <= 1
     assert 0 < metrics["codebook_usage"] <= 1
     assert 0 < metrics["prior_test_bits_per_index"] < 20
+
+
+def test_metrics_per_slice_position(predicted_run):
+    metrics = json.loads((predicted_run[0] / "metrics.json").read_text())
+    by_slice = metrics["per_slice_position"]
+    assert list(by_slice) == ["0", "1", "2", "3"]  # the test subject's 4 slices
+    for scores in by_slice.values():
+        assert {"ssim", "ssim_brain", "psnr", "psnr_brain"} <= set(scores)
+        assert scores["n_images"] == 1
+    mean_ssim = np.mean([scores["ssim"] for scores in by_slice.values()])
+    assert math.isclose(mean_ssim, metrics["test_ssim"], rel_tol=1e-9)
+
+
+def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
+    run, _ = predicted_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["sample_nn_ssim"] <= 1 and 0 < metrics["test_nn_ssim"] <= 1
+    assert 0 <= metrics["sample_diversity"] <= 2
+    assert metrics["samples_memorised"] in (True, False) and metrics["n_eval_samples"] == 3
+    for mask in ("bottom_half", "centre_square"):
+        for method in ("raster", "full", "reconstruction"):
+            assert -1 <= metrics[f"inpaint_{mask}_{method}_ssim"] <= 1
+            assert metrics[f"inpaint_{mask}_{method}_psnr"] > 0
+    surprise = json.loads((run / "surprise.json").read_text())
+    assert set(surprise) == {"surprise_lesion_bits", "surprise_lesion_sites_clean_bits",
+                             "surprise_brain_bits", "surprise_n_images"}
+    assert all(metrics[key] == value for key, value in surprise.items())
+    assert surprise["surprise_lesion_bits"] > 0 and surprise["surprise_n_images"] == 2
+
+
+def test_reconstruct_dir_holds_every_test_image_as_8_bit_png(predicted_run, data_root):
+    _, folder = predicted_run
+    inputs = sorted(p.name for p in (data_root / "keras_png_slices_test").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == inputs
+    for name in inputs:
+        image = Image.open(folder / name)
+        assert image.mode == "L" and image.size == (256, 256)
+        assert np.asarray(image).dtype == np.uint8
 
 
 def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):

@@ -4,7 +4,15 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from metrics import batch_scores, brain_mask, codebook_stats, image_scores, mean_scores
+from metrics import (
+    batch_scores,
+    brain_mask,
+    codebook_stats,
+    image_scores,
+    masked_scores,
+    mean_scores,
+    ssim,
+)
 
 
 def _pair(seed=0):
@@ -65,3 +73,33 @@ def test_codebook_stats():
     assert math.isclose(stats["codebook_perplexity"], 8.0)
     assert math.isclose(codebook_stats(torch.zeros(5, dtype=torch.long), 4)[
         "codebook_perplexity"], 1.0)
+
+
+def _region():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[24:40, 20:44] = True
+    return mask
+
+
+def test_masked_scores_are_perfect_for_a_perfect_completion():
+    ref, _ = _pair()
+    scores = masked_scores(ref, ref.copy(), _region())
+    assert scores == {"ssim": 1.0, "psnr": float("inf")}
+
+
+def test_masked_scores_ignore_the_pixels_outside_the_mask():
+    ref, noisy = _pair()
+    mask = _region()
+    completed = np.where(mask, noisy, ref)
+    wrong_outside = np.where(mask, noisy, 1 - ref)
+    assert masked_scores(ref, completed, mask) == masked_scores(ref, wrong_outside, mask)
+    scores = masked_scores(ref, completed, mask)
+    assert scores["ssim"] < 1
+    assert math.isclose(scores["psnr"], 10 * math.log10(1 / np.mean((ref - noisy)[mask] ** 2)))
+    # a bad fill inside the mask scores lower than a good one
+    assert masked_scores(ref, np.where(mask, 0.0, ref), mask)["ssim"] < scores["ssim"]
+
+
+def test_ssim_matches_the_map_version():
+    ref, img = _pair()
+    assert math.isclose(ssim(ref, img), image_scores(ref, img)["ssim"], rel_tol=1e-12)

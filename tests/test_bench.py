@@ -1,0 +1,47 @@
+import torch
+
+from bench import SeedStyleVQVAE, extrapolate_naive, render_markdown
+
+
+def test_seed_style_baseline_trains_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = SeedStyleVQVAE(dim=8, n_codes=16)
+    x = torch.rand(2, 1, 32, 32)
+    reconstruction, vq_loss = model(x)
+    assert reconstruction.shape == x.shape
+    (torch.nn.functional.mse_loss(reconstruction, x) + vq_loss).backward()
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    assert model.codebook.weight.grad.abs().sum() > 0
+
+
+def test_naive_extrapolation_sums_a_linear_cost_over_every_site():
+    # 2 probe sites per row, each costing (rows seen) seconds: the sum over a 32×32 grid
+    probe_s = {row: 2.0 * (row + 1) for row in (0, 15, 31)}
+    assert abs(extrapolate_naive(probe_s) - 32 * sum(range(1, 33))) < 1e-6
+
+
+def test_markdown_renders_a_small_result_as_tables():
+    results = {
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0", "python": "3.11",
+                    "threads": 1, "device": "cpu", "load_average": [0.5, 0.5, 0.5]},
+        "quick": True,
+        "sampling": {"note": "A note.", "rows": [
+            {"batch": 16, "naive_s": 100.0, "naive_extrapolated": True, "fast_s": 1.0,
+             "speedup": 100.0, "floor_s": 0.5, "fast_over_floor": 2.0, "exact_match": True,
+             "peak_rss_mb": {"naive": 300.0, "fast": 310.0, "floor": 320.0}}]},
+        "training": {"epochs": 1, "subset": True, "n_train": 256, "definition": "Defined",
+                     "epoch_time_ratio": 0.4,
+                     "project": {"epoch_mean_s": 4.0, "images_per_s": 64.0, "val_ssim": 0.5,
+                                 "peak_rss_mb": 900.0, "n_validate": 160},
+                     "baseline": {"epoch_mean_s": 10.0, "images_per_s": 25.6, "val_ssim": 0.4,
+                                  "peak_rss_mb": 1900.0, "n_validate": 160}},
+    }
+    text = render_markdown(results)
+    assert text.startswith("### Performance")
+    assert "Test CPU (2 cores" in text and "torch 2.13.0" in text
+    assert "| 16 | 100.0* | 1.00 | 100× | 0.50 | 2.0 | yes | 300 / 310 / 320 |" in text
+    assert "| 4.0 | 64.0 | 0.500 | 900 |" in text
+    assert "0.40 (target ≤ 0.5)" in text
+    # the sampling table alone renders too
+    del results["training"]
+    assert "VQ-VAE training" not in render_markdown(results)

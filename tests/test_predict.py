@@ -1,0 +1,161 @@
+"""Full-context inpainting, surprise, lesions and the evaluation helpers, on tiny random
+models and synthetic images; the lesion check on the real demo run when there is one."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import predict
+from modules import PixelCNN, PriorConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RUN = REPO / "runs" / "demo"
+
+
+@pytest.fixture(scope="module")
+def prior():
+    torch.manual_seed(0)
+    model = PixelCNN(PriorConfig(n_codes=6, channels=8, dilations=(1, 2, 1), grid_size=8))
+    with torch.no_grad():  # a random model is near uniform; sharpen it so sites interact
+        model.head[-1].weight.mul_(20)
+    return model.eval()
+
+
+def _grids(n=3, size=8, seed=0):
+    return torch.randint(0, 6, (n, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_context_inpainting_keeps_every_given_index(prior):
+    grids = _grids()
+    masked = grids.clone()
+    masked[0, 2:5, 2:5] = -1
+    masked[1, 3:6, 1:7] = -1
+    masked[2, 0, 0] = -1
+    filled = predict.inpaint_full_context(prior, masked, sweeps=2,
+                                          generator=torch.Generator().manual_seed(1), top_k=3)
+    given = masked != -1
+    assert torch.equal(filled[given], grids[given])
+    assert ((filled >= 0) & (filled < 6)).all()
+
+
+def test_full_context_changes_the_raster_fill_and_is_reproducible(prior):
+    masked = predict.apply_mask(_grids(n=4), predict.centre_square_mask(8, 4))
+
+    def fill(sweeps):
+        return predict.inpaint_full_context(prior, masked, sweeps,
+                                            torch.Generator().manual_seed(3), top_k=6)
+    assert not torch.equal(fill(0), fill(2))
+    assert torch.equal(fill(2), fill(2))
+
+
+def test_full_context_is_the_raster_sample_when_no_given_index_follows_the_hole(prior):
+    masked = predict.apply_mask(_grids(), predict.bottom_half_mask(8))
+    full = predict.inpaint_full_context(prior, masked, 2, torch.Generator().manual_seed(5))
+    raster = prior.sample(masked, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(full, raster)
+
+
+def test_candidates_are_weighed_by_the_whole_grid_likelihood(prior):
+    grids = _grids(n=2)
+    r, c = 3, 4
+    with torch.no_grad():
+        logits = prior(grids)
+        candidates, log_likelihood, _ = predict.candidate_likelihoods(prior, grids, logits,
+                                                                      r, c, top_k=6)
+    assert torch.equal(candidates[:, 0], logits[:, :, r, c].argmax(1))
+    for b in range(2):
+        whole = []
+        for code in candidates[b].tolist():
+            trial = grids[b: b + 1].clone()
+            trial[0, r, c] = code
+            whole.append(-predict.surprise_bits(prior, trial).sum().item() * math.log(2))
+        whole = torch.tensor(whole, dtype=torch.float64)
+        assert torch.allclose(log_likelihood[b] - log_likelihood[b, 0], whole - whole[0],
+                              atol=1e-4)
+    assert (log_likelihood.max(1).values - log_likelihood.min(1).values > 1).all()
+
+
+def test_gibbs_site_returns_a_candidate_and_the_new_grids_logits(prior):
+    grids = _grids(n=3)
+    with torch.no_grad():
+        codes, logits = predict._gibbs_site(prior, grids, prior(grids), 2, 5, 3, 1.0,
+                                            torch.Generator().manual_seed(0))
+        top = prior(grids)[:, :, 2, 5].topk(3, dim=1).indices
+        assert (codes[:, None] == top).any(1).all()
+        grids[:, 2, 5] = codes
+        assert torch.allclose(logits, prior(grids), atol=1e-5)
+
+
+def test_surprise_bits_average_to_the_training_loss(prior):
+    grids = _grids()
+    bits = predict.surprise_bits(prior, grids)
+    assert bits.shape == grids.shape and (bits >= 0).all()
+    assert math.isclose(bits.mean().item(), prior.bits_per_index(grids).item(), rel_tol=1e-5)
+
+
+def test_masks_and_their_pixels():
+    centre = predict.centre_square_mask()
+    assert centre.sum() == 144 and centre[10:22, 10:22].all()
+    pixels = evaluation.sites_to_pixels(centre, 256)
+    assert pixels.shape == (256, 256) and pixels.sum() == 144 * 64
+    assert np.array_equal(evaluation.pixels_to_sites(pixels, 32), centre.numpy())
+
+
+def _brain(size=256, value=120):
+    yy, xx = np.ogrid[:size, :size]
+    image = np.zeros((size, size), np.uint8)
+    image[(yy - size / 2) ** 2 / 90 ** 2 + (xx - size / 2) ** 2 / 70 ** 2 <= 1] = value
+    image[100:110, 100:110] = 230  # the brightest tissue sets the lesion's intensity
+    return image
+
+
+def test_lesion_is_a_bright_disc_inside_the_brain():
+    image = _brain()
+    lesioned, mask = evaluation.paste_lesion(image, np.random.default_rng(0))
+    assert abs(mask.sum() - math.pi * evaluation.LESION_RADIUS_PX ** 2) < 30
+    assert (image[mask] > 0).all()  # inside the brain
+    assert lesioned[mask].mean() > 200 and lesioned.max() <= 230
+    cy, cx = np.argwhere(mask).mean(0)
+    yy, xx = np.ogrid[:256, :256]
+    far = np.hypot(yy - cy, xx - cx) > 2.5 * evaluation.LESION_RADIUS_PX
+    assert np.array_equal(lesioned[far], image[far])
+
+
+def test_per_slice_position_groups_names_by_slice_index():
+    names = ["case_001_slice_2.nii.png", "case_002_slice_2.nii.png",
+             "case_001_slice_10.nii.png", "other.png"]
+    rows = [{"ssim": s, "psnr": 10.0 * s} for s in (0.2, 0.4, 0.9, 0.0)]
+    by_slice = evaluation.per_slice_position(names, rows)
+    assert list(by_slice) == ["2", "10"]
+    assert math.isclose(by_slice["2"]["ssim"], 0.3) and by_slice["2"]["n_images"] == 2
+    assert by_slice["10"] == {"ssim": 0.9, "psnr": 9.0, "n_images": 1}
+    assert evaluation.per_slice_position(["a.png"], rows[:1]) == {}
+
+
+def test_nearest_neighbour_finds_the_copy_and_diversity_of_copies_is_zero():
+    rng = np.random.default_rng(0)
+    references = np.stack([_brain(value=v) for v in range(40, 240, 10)])
+    references = np.clip(references + rng.integers(0, 30, references.shape), 0, 255).astype(
+        np.uint8)
+    queries = references[[3, 11]]
+    best, index = evaluation.nearest_neighbour_ssim(queries, references, n_candidates=4)
+    assert index.tolist() == [3, 11] and np.allclose(best, 1.0)
+    assert math.isclose(evaluation.mean_pairwise_ssim(np.stack([queries[0]] * 3)), 1.0)
+    assert evaluation.mean_pairwise_ssim(queries) < 1
+
+
+@pytest.mark.skipif(not (DEMO_RUN / "prior_best.pt").is_file(), reason="no trained demo run")
+def test_demo_prior_is_surprised_by_a_lesion():
+    import dataset
+    run = predict.Run(DEMO_RUN, torch.device("cpu"))
+    root = run.data_root if run.data_root.is_absolute() else REPO / run.data_root
+    if not root.is_dir():
+        pytest.skip(f"demo data {root} not built")
+    test = dataset.load_split(dataset.find_split_dirs(root)["test"])
+    study = evaluation.lesion_study(run, test.images[evaluation.evenly_spaced(len(test), 8)], 0)
+    scores = evaluation.surprise_metrics(study)
+    assert scores["surprise_lesion_bits"] > scores["surprise_brain_bits"]
+    assert scores["surprise_lesion_bits"] > scores["surprise_lesion_sites_clean_bits"]

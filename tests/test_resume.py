@@ -1,0 +1,114 @@
+"""Exact resume after SIGKILL, graceful SIGTERM, and the NaN guard (tiny runs, CPU)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from dataset import build_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--profile", "tiny", "--vqvae-epochs", "2", "--prior-epochs", "1", "--batch-size", "4",
+        "--checkpoint-every", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("data") / "oasis", n_train=2,
+                              n_validate=1, n_test=1, slices_per_subject=4)
+
+
+def _train(data_root, out, *extra):
+    cmd = [sys.executable, str(REPO / "train.py"), "--data", str(data_root), "--out", str(out),
+           *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _weights(run):
+    return {stage: torch.load(run / f"{stage}_last.pt", weights_only=True)["model"]
+            for stage in ("vqvae", "prior")}
+
+
+def _assert_bitwise_equal(a, b):
+    for stage in a:
+        assert a[stage].keys() == b[stage].keys()
+        for key in a[stage]:
+            assert torch.equal(a[stage][key], b[stage][key]), f"{stage}.{key} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "whole"
+    started = time.time()
+    proc = _train(data_root, run)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return run, time.time() - started
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(data_root, uninterrupted,
+                                                                 tmp_path):
+    whole, seconds = uninterrupted
+    rng = random.Random()
+    run = tmp_path / "killed"
+    proc = _train(data_root, run)
+    while not (run / "vqvae_last.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    delay = rng.uniform(0, seconds * 0.6)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "finished before the kill: lower the delay"
+    resumed = _train(data_root, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _assert_bitwise_equal(_weights(whole), _weights(run))
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(data_root, uninterrupted,
+                                                             tmp_path):
+    whole, _ = uninterrupted
+    run = tmp_path / "stopped"
+    proc = _train(data_root, run)
+    while not (run / "vqvae_last.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    resumed = _train(data_root, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _assert_bitwise_equal(_weights(whole), _weights(run))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(data_root, tmp_path,
+                                                                      monkeypatch, capsys):
+    real = train.vqvae_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] == 4:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "vqvae_losses", poisoned)
+    run = tmp_path / "nan"
+    code = train.main(["--data", str(data_root), "--out", str(run), *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "vqvae loss became nan at vqvae epoch 1 step 4" in err
+    state = torch.load(run / "vqvae_last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 3)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert os.listdir(run)  # nothing half-written is left as a checkpoint
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
