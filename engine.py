@@ -26,7 +26,7 @@ class Interrupted(RuntimeError):
     def __init__(self, signal_name: str, where: str) -> None:
         super().__init__(f"stopped by {signal_name} {where}; checkpoint saved, continue with "
                          "--resume")
-        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
 # -------------------------------------------------------------------------------- distributed
@@ -166,8 +166,9 @@ def fit(stage: Stage, run: Path, resume: bool) -> None:
             if is_main():
                 stage.after_epoch(epoch, row, stage.history)
             barrier()
-            if received:
-                raise Interrupted(received["signal"], f"after {stage.name} epoch {epoch}")
+            if _stop_requested(received):
+                raise Interrupted(received.get("signal", "a signal to another rank"),
+                                  f"after {stage.name} epoch {epoch}")
 
 
 def _train_epoch(stage: Stage, run: Path, epoch: int, position: dict[str, Any],
@@ -192,12 +193,20 @@ def _train_epoch(stage: Stage, run: Path, epoch: int, position: dict[str, Any],
         bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
         done = step + 1
         due = stage.checkpoint_every and done % stage.checkpoint_every == 0
-        if done < len(batches) and (due or received):
+        stop = _stop_requested(received)
+        if done < len(batches) and (due or stop):
             _save(stage, run, {"epoch": epoch - 1, "step": done}, sums, generator, False)
-            if received:
-                raise Interrupted(received["signal"], f"in {stage.name} epoch {epoch} at "
-                                                      f"step {done}")
+            if stop:
+                raise Interrupted(received.get("signal", "a signal to another rank"),
+                                  f"in {stage.name} epoch {epoch} at step {done}")
     return sums
+
+
+def _stop_requested(received: dict[str, str]) -> bool:
+    """Whether any rank got SIGINT/SIGTERM, so that all ranks stop after the same step."""
+    if world()[1] == 1:
+        return bool(received)
+    return all_reduce_sum({"stop": float(bool(received))})["stop"] > 0
 
 
 def _optimise(stage: Stage, loss: torch.Tensor, where: str) -> None:
