@@ -479,7 +479,7 @@ class PixelCNN(nn.Module):
                     for c in range(max(columns[r]) + 1):
                         h = cache.advance(c)
                         if c in columns[r]:
-                            logits = cache.head(h)
+                            logits = cache.logits(h)
                             logits_used[:, :, r, c] = logits
                             _fill_site(out, r, c, logits, temperature, generator)
                             cache.set_site(c, out[:, r, c])
@@ -565,8 +565,8 @@ class _SamplingCache:
                 torch.add(site, torch.addmm(b_out, gated, w_out), out=nxt)
         return nxt
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, C) → (B, K) logits: the model's head as two matmuls."""
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, C) last horizontal stack → (B, K) logits: the model's head as two matmuls."""
         w1, b1, w2, b2 = self.head_weights
         return torch.addmm(b2, torch.addmm(b1, torch.relu(h), w1).relu_(), w2)
 

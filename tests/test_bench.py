@@ -30,17 +30,17 @@ def test_markdown_renders_a_small_result_as_tables():
              "speedup": 100.0, "floor_s": 0.5, "fast_over_floor": 2.0, "exact_match": True,
              "peak_rss_mb": {"naive": 300.0, "fast": 310.0, "floor": 320.0}}]},
         "training": {"epochs": 1, "subset": True, "n_train": 256, "definition": "Defined",
-                     "epoch_time_ratio": 0.4,
-                     "project": {"epoch_mean_s": 4.0, "images_per_s": 64.0, "val_ssim": 0.5,
-                                 "peak_rss_mb": 900.0, "n_validate": 160},
-                     "baseline": {"epoch_mean_s": 10.0, "images_per_s": 25.6, "val_ssim": 0.4,
-                                  "peak_rss_mb": 1900.0, "n_validate": 160}},
+                     "epoch_time_ratio": 0.4, "val_ssim_all_black": 0.6,
+                     "project": {"epoch_mean_s": 4.0, "images_per_s": 64.0, "steps": 16,
+                                 "val_ssim": 0.5, "peak_rss_mb": 900.0, "n_validate": 160},
+                     "baseline": {"epoch_mean_s": 10.0, "images_per_s": 25.6, "steps": 2,
+                                  "val_ssim": 0.4, "peak_rss_mb": 1900.0, "n_validate": 160}},
     }
     text = render_markdown(results)
     assert text.startswith("### Performance")
     assert "Test CPU (2 cores" in text and "torch 2.13.0" in text
     assert "| 16 | 100.0* | 1.00 | 100× | 0.50 | 2.0 | yes | 300 / 310 / 320 |" in text
-    assert "| 4.0 | 64.0 | 0.500 | 900 |" in text
+    assert "| 4.0 | 64.0 | 16 | 0.500 | 900 |" in text
     assert "0.40 (target ≤ 0.5)" in text
     # the sampling table alone renders too
     del results["training"]
