@@ -9,6 +9,10 @@ Layouts accepted for a data root (see `find_split_dirs`):
 * Folders ``train/``, ``validate/`` (or ``val/``) and ``test/`` of PNG/JPEG images.
 * Either layout one folder down, e.g. the ``keras_png_slices_data/`` folder that
   the OASIS zip unpacks to.
+* A folder of 3-D volumes, searched recursively: NIfTI (``.nii``, ``.nii.gz``) and
+  Analyze ``.hdr``/``.img`` pairs, like the OASIS-1 raw release. They are sliced
+  axially and split by subject; see `load_volume_splits`. Used when the root holds
+  no split folders. Split folders may also hold volumes instead of images.
 
 Files that are not .png/.jpg/.jpeg, and hidden files, are skipped. Each split is
 sorted in natural order (case number, then slice number: slice_2 before slice_10).
@@ -23,6 +27,24 @@ Image policy (one warning per split when a rule had to be applied):
   when cropping or padding an odd number of pixels the extra one goes at the
   bottom/right.
 
+Volume policy (`load_volume_splits`):
+
+* Volumes are reoriented to RAS+ with ``nibabel.as_closest_canonical`` (axes permuted
+  and flipped, never resampled) and cut into axial slices, bottom up, shown like the PNG
+  slices (anterior at the top, the subject's right on the left) and centre-padded or
+  cropped to 256x256. Analyze headers hold no orientation: nibabel reads them as
+  radiological (LAS). Trailing dimensions of size 1 are dropped (OASIS-1's Analyze files
+  are 176x208x176x1); 4-D series are refused.
+* Slices cover the brain's axial extent: those with at least `MIN_SLICE_AREA` of the
+  largest slice's brain area, ends trimmed. Each is named ``<volume>_slice_<z>.png``
+  with z its axial index in the reoriented volume.
+* Intensities scale per volume: 0 stays 0, the 99.5th percentile of the non-zero voxels
+  becomes 255, and values are clipped to 0..255.
+* Volumes are split by subject (an OASIS ``OAS1_0001`` or BIDS ``sub-01`` in the path,
+  else one subject per volume): a shuffle with a fixed seed, then 10% validate, 10% test
+  (at least one each) and the rest train. Fewer than 3 subjects is an error.
+* In the OASIS-1 release, only the ``*_masked_gfc`` volumes are used (see `find_volumes`).
+
 The demo set (`build_demo_dataset`) is made offline from the MNI ICBM152 2009a
 template that ships inside nilearn's package; see that function.
 """
@@ -34,10 +56,12 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 import time
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +82,16 @@ PLAIN_SPLIT_DIRS = {"train": ("train",), "validate": ("validate", "val"), "test"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 PROGRESS_MIN_FILES = 2000  # below this, loading takes about a second: no bar
 
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+VOLUME_HOLDOUT = {"validate": 0.1, "test": 0.1}  # fractions of the subjects; the rest train
+VOLUME_SPLIT_SEED = 0
+BRIGHT_PERCENTILE = 99.5  # of a volume's non-zero voxels: this level becomes 255
+EXTENT_LEVEL = 0.1  # of the bright level: voxels above it count as brain when finding the extent
+MIN_SLICE_AREA = 0.05  # of the largest axial brain area: end slices with less are dropped
+PROGRESS_MIN_VOLUMES = 20
+OASIS_VOLUME = "_masked_gfc"  # OASIS-1's skull-stripped, bias-corrected, atlas-registered volume
+_SUBJECT_ID = re.compile(r"OAS\d_\d{4}|(?<![0-9A-Za-z])sub-[0-9A-Za-z]+")  # OASIS, BIDS
+
 DEMO_TRAIN_SUBJECTS = 40
 DEMO_VALIDATE_SUBJECTS = 5
 DEMO_TEST_SUBJECTS = 5
@@ -72,10 +106,14 @@ TEMPLATE_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 
-_SLICE_NAME = re.compile(r"case_(?P<case>[0-9A-Za-z]+)_slice_(?P<slice>\d+)(?:\.nii)?\.png")
+_SLICE_NAMES = (
+    re.compile(r"case_(?P<case>[0-9A-Za-z]+)_slice_(?P<slice>\d+)(?:\.nii)?\.png"),  # OASIS PNGs
+    re.compile(r"(?P<case>.+)_slice_(?P<slice>\d+)\.png"),  # slices of a volume: no ".nii"
+)
 _LAYOUT_HELP = (
     "Expected keras_png_slices_train/, keras_png_slices_validate/, keras_png_slices_test/ "
-    "(OASIS) or train/, validate/ (or val/), test/."
+    "(OASIS) or train/, validate/ (or val/), test/, or a folder of 3-D volumes "
+    "(.nii, .nii.gz, .hdr/.img)."
 )
 
 
@@ -98,15 +136,21 @@ class SliceSet:
 
 
 def slice_index(name: str | Path) -> int | None:
-    """Slice number Y of ``case_XXX_slice_Y.nii.png``; None for other names."""
-    match = _SLICE_NAME.fullmatch(Path(name).name)
+    """Slice number Y of ``case_XXX_slice_Y.nii.png`` or ``<volume>_slice_Y.png``; else None."""
+    match = _parse_slice_name(name)
     return int(match["slice"]) if match else None
 
 
 def case_id(name: str | Path) -> str | None:
-    """Case XXX of ``case_XXX_slice_Y.nii.png`` as written (e.g. "001"); None for other names."""
-    match = _SLICE_NAME.fullmatch(Path(name).name)
+    """Case XXX of ``case_XXX_slice_Y.nii.png`` as written (e.g. "001"), or the volume of
+    ``<volume>_slice_Y.png``; None for other names."""
+    match = _parse_slice_name(name)
     return match["case"] if match else None
+
+
+def _parse_slice_name(name: str | Path) -> re.Match | None:
+    name = Path(name).name
+    return next((match for p in _SLICE_NAMES if (match := p.fullmatch(name))), None)
 
 
 def natural_key(name: str) -> tuple:
@@ -146,6 +190,11 @@ def find_split_dirs(root: str | Path) -> dict[str, Path]:
         if len(nested) == 1:
             return nested[0]
 
+    if not found and next(iter_volume_files(root), None) is not None:
+        raise DatasetError(
+            f"Data root {root} holds 3-D volumes, not split folders: load it with "
+            "load_splits(root), which slices the volumes and splits them by subject."
+        )
     present = ", ".join(f"{child.name}/" for child in _subdirs(root)) or "no folders"
     absent = f" Missing: {', '.join(missing)}." if found else ""
     raise DatasetError(
@@ -219,11 +268,11 @@ def to_grayscale_uint8(image: Image.Image) -> np.ndarray:
 
 
 def centre_fit(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Centre-crop and/or zero-pad (H, W) to (size, size)."""
-    (src_r, dst_r, rows), (src_c, dst_c, cols) = (_centred_span(n, size) for n in image.shape)
-    fitted = np.zeros((size, size), dtype=image.dtype)
-    fitted[dst_r : dst_r + rows, dst_c : dst_c + cols] = image[
-        src_r : src_r + rows, src_c : src_c + cols
+    """Centre-crop and/or zero-pad (..., H, W) to (..., size, size)."""
+    (src_r, dst_r, rows), (src_c, dst_c, cols) = (_centred_span(n, size) for n in image.shape[-2:])
+    fitted = np.zeros((*image.shape[:-2], size, size), dtype=image.dtype)
+    fitted[..., dst_r : dst_r + rows, dst_c : dst_c + cols] = image[
+        ..., src_r : src_r + rows, src_c : src_c + cols
     ]
     return fitted
 
@@ -235,9 +284,14 @@ def _centred_span(length: int, size: int) -> tuple[int, int, int]:
 
 
 def load_split(folder: str | Path, progress: bool | None = None) -> SliceSet:
-    """Read every image in `folder` into uint8 (N, 256, 256); by default, a bar for big splits."""
+    """Read every image in `folder` into uint8 (N, 256, 256); by default, a bar for big splits.
+
+    A folder without images but with 3-D volumes (found recursively) gives their slices.
+    """
     folder = Path(folder)
     files = list_image_files(folder)
+    if not files and (volumes := find_volumes(folder)):
+        return load_volumes(volumes, volume_names(volumes, folder), progress, folder.name)
     if not files:
         raise DatasetError(
             f"Split folder {folder} holds no .png/.jpg/.jpeg images. Put this split's images "
@@ -269,9 +323,214 @@ def load_split(folder: str | Path, progress: bool | None = None) -> SliceSet:
     return SliceSet(torch.from_numpy(images), [path.name for path in files])
 
 
-def load_splits(root: str | Path, progress: bool | None = None) -> dict[str, SliceSet]:
-    """Load the "train", "validate" and "test" splits under `root`."""
-    return {split: load_split(folder, progress) for split, folder in find_split_dirs(root).items()}
+def load_splits(
+    root: str | Path, progress: bool | None = None, splits: tuple[str, ...] = SPLITS
+) -> dict[str, SliceSet]:
+    """Load the "train", "validate" and "test" splits under `root`, or only those in `splits`.
+
+    Split folders (`find_split_dirs`) come first; a root without them but with 3-D volumes is
+    split by subject (`load_volume_splits`).
+    """
+    if unknown := set(splits) - set(SPLITS):
+        raise ValueError(f"Unknown splits {sorted(unknown)}; choose from {SPLITS}")
+    try:
+        folders = find_split_dirs(root)
+    except DatasetError:
+        volumes = find_volumes(root) if Path(root).expanduser().is_dir() else []
+        if not volumes:
+            raise
+        return load_volume_splits(Path(root).expanduser(), volumes, progress, splits)
+    return {split: load_split(folders[split], progress) for split in splits}
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def volume_stem(path: Path) -> str:
+    """File name without its volume suffix: ``a.nii.gz`` -> ``a``; other names unchanged."""
+    name = path.name
+    suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def iter_volume_files(root: Path) -> Iterator[Path]:
+    """Files with a volume suffix under `root`, recursively; hidden files and folders skipped."""
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if not name.startswith(".") and volume_stem(path) != name:
+                yield path
+
+
+def find_volumes(root: Path) -> list[Path]:
+    """3-D volumes under `root`, recursively, in natural order of their paths.
+
+    An Analyze pair counts once, as its .hdr. Each OASIS-1 session also holds raw scans,
+    intermediate stages and segmentations: when ``*_masked_gfc`` volumes are present, only
+    those are used.
+    """
+    files = list(iter_volume_files(root))
+    headers = {_without_suffix(path) for path in files if path.suffix.lower() == ".hdr"}
+    volumes = [
+        path
+        for path in files
+        if not (path.suffix.lower() == ".img" and _without_suffix(path) in headers)
+    ]
+    volumes.sort(key=lambda path: natural_key(path.relative_to(root).as_posix()))
+    oasis = [path for path in volumes if volume_stem(path).endswith(OASIS_VOLUME)]
+    if oasis and len(oasis) < len(volumes):
+        log.info(
+            "%s: using the %d *%s volumes (OASIS-1), skipping %d other volumes",
+            root,
+            len(oasis),
+            OASIS_VOLUME,
+            len(volumes) - len(oasis),
+        )
+        return oasis
+    return volumes
+
+
+def _without_suffix(path: Path) -> str:
+    return path.with_suffix("").as_posix().lower()
+
+
+def volume_names(volumes: list[Path], root: Path) -> list[str]:
+    """Each volume's file stem; where stems repeat, its path under `root` joined by "_"."""
+    stems = [volume_stem(path) for path in volumes]
+    repeated = {stem for stem, count in Counter(stems).items() if count > 1}
+    return [
+        "_".join((*path.relative_to(root).parent.parts, stem)) if stem in repeated else stem
+        for path, stem in zip(volumes, stems, strict=True)
+    ]
+
+
+def subject_id(volume: Path, root: Path, name: str) -> str:
+    """OASIS (``OAS1_0001``) or BIDS (``sub-01``) subject in the volume's path under `root`;
+    else `name`, one subject per volume."""
+    match = _SUBJECT_ID.search(volume.relative_to(root).as_posix())
+    return match[0] if match else name
+
+
+def split_subjects(subjects: list[str], seed: int = VOLUME_SPLIT_SEED) -> dict[str, list[str]]:
+    """Distinct `subjects` shuffled with `seed`: 10% validate and 10% test (at least one each),
+    the rest train."""
+    unique = sorted(set(subjects), key=natural_key)
+    if len(unique) < len(SPLITS):
+        raise ValueError(f"Need at least {len(SPLITS)} subjects to split, got {len(unique)}")
+    shuffled = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    n_validate, n_test = (max(1, round(share * len(unique))) for share in VOLUME_HOLDOUT.values())
+    n_train = len(unique) - n_validate - n_test
+    return {
+        "train": shuffled[:n_train],
+        "validate": shuffled[n_train : n_train + n_validate],
+        "test": shuffled[n_train + n_validate :],
+    }
+
+
+def load_volume_splits(
+    root: Path,
+    volumes: list[Path],
+    progress: bool | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, SliceSet]:
+    """Slice the `volumes` found under `root` and split them by subject (`split_subjects`)."""
+    names = volume_names(volumes, root)
+    subjects = [subject_id(path, root, name) for path, name in zip(volumes, names, strict=True)]
+    n_subjects = len(set(subjects))
+    if n_subjects < len(SPLITS):
+        raise DatasetError(
+            f"Data root {root} holds {len(volumes)} volume(s) of {n_subjects} subject(s); "
+            f"splitting by subject needs at least {len(SPLITS)}, one each for train, validate "
+            "and test. Add volumes, or put them in train/, validate/ and test/ folders yourself."
+        )
+    members = split_subjects(subjects)
+    show_bar = len(volumes) >= PROGRESS_MIN_VOLUMES if progress is None else progress
+    loaded = {}
+    for split in splits:
+        wanted = set(members[split])
+        chosen = [i for i, subject in enumerate(subjects) if subject in wanted]
+        loaded[split] = load_volumes(
+            [volumes[i] for i in chosen], [names[i] for i in chosen], show_bar, split
+        )
+    return loaded
+
+
+def load_volumes(
+    volumes: list[Path], names: list[str], progress: bool | None = None, label: str = "volumes"
+) -> SliceSet:
+    """Axial slices (`volume_slices`) of each volume in order, named ``<name>_slice_<z>.png``."""
+    show_bar = len(volumes) >= PROGRESS_MIN_VOLUMES if progress is None else progress
+    bar = tqdm(volumes, desc=f"Loading {label}", unit="volume", disable=not show_bar)
+    stacks, slice_names = [], []
+    for path, name in zip(bar, names, strict=True):
+        slices, first = volume_slices(read_volume(path))
+        stacks.append(slices)
+        slice_names += [f"{name}_slice_{first + k}.png" for k in range(len(slices))]
+    return SliceSet(torch.from_numpy(np.concatenate(stacks)), slice_names)
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """float32 (X, Y, Z) voxels of the volume at `path`, reoriented to RAS+ (nibabel's canonical).
+
+    Analyze headers hold no orientation: nibabel takes them as radiological (LAS) storage.
+    """
+    import nibabel  # only volume roots and the demo need it
+
+    errors = (
+        nibabel.filebasedimages.ImageFileError,
+        nibabel.spatialimages.HeaderDataError,
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+    )
+    try:
+        image = nibabel.load(path)
+    except errors as error:
+        raise _unreadable(path, error) from error
+    if len(image.shape) < 3 or any(n != 1 for n in image.shape[3:]):
+        raise DatasetError(
+            f"Volume {path} has shape {image.shape}; expected a 3-D volume (X, Y, Z), which may "
+            "end in dimensions of size 1. A 4-D series cannot be sliced as one brain: split it "
+            "into 3-D volumes (nibabel.four_to_three) or move it out of the data root."
+        )
+    try:
+        voxels = nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32)
+    except errors as error:
+        raise _unreadable(path, error) from error
+    voxels = np.nan_to_num(voxels.reshape(voxels.shape[:3]), nan=0, posinf=0, neginf=0)
+    if not (voxels > 0).any():
+        raise DatasetError(
+            f"Volume {path} has no voxel above 0, so no brain to slice. Delete it or move it "
+            "out of the data root."
+        )
+    return voxels
+
+
+def _unreadable(path: Path, error: Exception) -> DatasetError:
+    reason = " ".join(str(error).split())  # one line: nibabel's messages can span several
+    return DatasetError(
+        f"Cannot read volume {path}: {reason}. Replace it with an intact copy or delete it "
+        "(an Analyze .hdr and its .img must sit side by side)."
+    )
+
+
+def volume_slices(volume: np.ndarray) -> tuple[np.ndarray, int]:
+    """uint8 (K, 256, 256) axial slices of a RAS (X, Y, Z) volume over its brain's extent,
+    bottom up, and the z index of the first.
+
+    Same view as the PNG slices: anterior at the top, the subject's right on the left. Voxels
+    are not resampled. Intensities scale linearly: 0 stays 0 and the `BRIGHT_PERCENTILE` of
+    the non-zero voxels becomes 255 (clipped).
+    """
+    bright = np.percentile(volume[volume > 0], BRIGHT_PERCENTILE)
+    area = (volume > EXTENT_LEVEL * bright).sum(axis=(0, 1))  # brain voxels per axial slice
+    kept = np.flatnonzero(area >= MIN_SLICE_AREA * area.max())
+    first, last = int(kept[0]), int(kept[-1])
+    slab = volume[::-1, ::-1, first : last + 1].transpose(2, 1, 0)  # (K, Y, X), flipped in-plane
+    scaled = np.clip(np.rint(slab * (255 / bright)), 0, 255).astype(np.uint8)
+    return centre_fit(scaled), first
 
 
 # ---------------------------------------------------------------- normalisation

@@ -49,6 +49,13 @@ def make_oasis_root(root, names_per_split=None):
         ("case_001_slice_x.nii.png", None, None),
         ("notes.txt", None, None),
         ("seg_001_slice_0.nii.png", None, None),
+        (
+            "OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc_slice_87.png",
+            "OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc",
+            87,
+        ),
+        ("sub-01_T1w_slice_3_slice_12.png", "sub-01_T1w_slice_3", 12),
+        ("case_002_slice_5.png", "002", 5),
     ],
 )
 def test_name_parsing(name, case, index):
