@@ -17,11 +17,11 @@ import torch
 import engine
 from baselines import SeedStylePixelCNN
 from io_utils import RunError, load_checkpoint, write_json
-from predict import load_prior
 from train import (
     StageSettings,
     autocast,
     evaluate_prior,
+    load_prior,
     make_stage,
     pick_device,
     seed_everything,

@@ -172,21 +172,22 @@ class Inpainting:
 
 def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
                        temperature: float, seed: int, sweeps: int,
-                       top_k: int) -> tuple[dict, dict[str, Inpainting]]:
+                       proposals: int) -> tuple[dict, dict[str, Inpainting]]:
     """SSIM and PSNR inside each mask's region of the raster and the full-context completions
     of uint8 `images`, and of the plain reconstruction (what a perfect prior could reach).
     Both samplers start from the same seed, so the full-context one refines the raster fill."""
     originals = run.to_unit(images)
     indices = run.encode(images)
     metrics: dict = {"inpaint_n_images": len(images), "inpaint_gibbs_sweeps": sweeps,
-                     "inpaint_gibbs_top_k": top_k}
+                     "inpaint_gibbs_proposals": proposals}
     reconstructions = run.decode(indices)
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
         decoded = {"reconstruction": reconstructions,
-                   "raster": run.decode(run.inpaint(masked, temperature, seed, 0, top_k)),
-                   "full": run.decode(run.inpaint(masked, temperature, seed, sweeps, top_k))}
+                   "raster": run.decode(run.inpaint(masked, temperature, seed, 0, proposals)),
+                   "full": run.decode(run.inpaint(masked, temperature, seed, sweeps,
+                                                  proposals))}
         pixels = sites_to_pixels(mask, images.shape[-1])
         for method, completed in decoded.items():
             scores = mean_scores([masked_scores(o, c, pixels)
@@ -206,6 +207,7 @@ class LesionStudy:
     lesioned: np.ndarray
     clean_bits: np.ndarray
     lesion_bits: np.ndarray
+    lesion_pixels: np.ndarray  # (n, H, W) bool: within the lesion's radius
     lesion_sites: np.ndarray  # (n, grid, grid) bool: sites whose patch the lesion touches
     brain_sites: np.ndarray  # (n, grid, grid) bool: the other sites, mostly inside the brain
 
@@ -246,7 +248,8 @@ def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:
         clean=clean, lesioned=run.to_unit(lesioned_images),
         clean_bits=run.surprise(clean_indices).numpy(),
         lesion_bits=run.surprise(lesion_indices).numpy(),
-        lesion_sites=lesion_sites, brain_sites=brain_sites & ~lesion_sites)
+        lesion_pixels=np.stack(lesion_pixels), lesion_sites=lesion_sites,
+        brain_sites=brain_sites & ~lesion_sites)
 
 
 def surprise_metrics(study: LesionStudy) -> dict[str, float]:

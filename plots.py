@@ -96,10 +96,12 @@ def save_line_panels(x: Sequence[float], panels: dict[str, dict[str, Sequence[fl
 def save_heatmap_grid(images: Sequence[Sequence[np.ndarray]],
                       heat: Sequence[Sequence[np.ndarray | None]], path: Path,
                       col_titles: Sequence[str], vmax: float, label: str,
+                      outlines: Sequence[np.ndarray | None] | None = None,
                       cell_inches: float = 2.2) -> None:
     """images[row][col] are (H, W) images in [0, 1] shown grey; where heat[row][col] is not None,
     that coarser map is stretched over the image (nearest neighbour) in semi-transparent
-    colour, on one scale from 0 to `vmax` with a shared colour bar."""
+    colour, on one scale from 0 to `vmax` with a shared colour bar. outlines[row], an (H, W)
+    bool mask, is outlined in every cell of its row."""
     n_rows, n_cols = len(images), len(images[0])
     fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
                              figsize=(cell_inches * n_cols + 0.8, cell_inches * n_rows))
@@ -107,11 +109,15 @@ def save_heatmap_grid(images: Sequence[Sequence[np.ndarray]],
     for r in range(n_rows):
         for c in range(n_cols):
             ax, image = axes[r][c], images[r][c]
+            height, width = image.shape
             ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if heat[r][c] is not None:
-                height, width = image.shape
                 shown = ax.imshow(heat[r][c], cmap="inferno", vmin=0, vmax=vmax, alpha=0.6,
-                                  interpolation="nearest", extent=(0, width, height, 0))
+                                  interpolation="nearest",
+                                  extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            if outlines is not None and outlines[r] is not None:
+                ax.contour(outlines[r].astype(float), levels=[0.5], colors="cyan",
+                           linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

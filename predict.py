@@ -24,10 +24,10 @@ from PIL import Image
 import dataset
 import evaluation
 from evaluation import apply_mask, evenly_spaced, sites_to_pixels, to_uint8
-from io_utils import RunError, load_checkpoint, write_json
-from modules import PixelCNN, PriorConfig
+from io_utils import RunError, write_json
+from modules import PixelCNN
 from plots import save_grid, save_heatmap_grid, save_line_panels
-from train import encode_images, load_vqvae, pick_device, stage_checkpoint
+from train import encode_images, load_prior, load_vqvae, pick_device, stage_checkpoint
 
 # ---- Edit these, or override them with command-line flags --------------------------------
 RUN_DIR = "runs/demo"
@@ -39,7 +39,7 @@ SEED = 0
 N_EVAL_SAMPLES = 64  # generated brains scored for memorisation and diversity (--evaluate)
 N_INPAINT = 8  # test images inpainted for the inpainting metrics (--evaluate)
 GIBBS_SWEEPS = 1  # full-context inpainting: Gibbs sweeps over the masked sites ...
-GIBBS_TOP_K = 4  # ... choosing among this many codes at each site
+GIBBS_PROPOSALS = 2  # ... each site choosing among this many drawn codes and its own
 N_SURPRISE = 16  # test images that get a synthetic lesion (--surprise)
 # --------------------------------------------------------------------------------------------
 
@@ -75,11 +75,11 @@ class Run:
         return self.prior.sample(indices.to(self.device), temperature, generator).cpu()
 
     def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
-                top_k: int) -> torch.Tensor:
+                proposals: int) -> torch.Tensor:
         """Fill the −1 entries: raster sampling, then `sweeps` full-context Gibbs sweeps."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return inpaint_full_context(self.prior, indices.to(self.device), sweeps, generator,
-                                    top_k, temperature).cpu()
+                                    proposals, temperature).cpu()
 
     def surprise(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, 32, 32) indices → (B, 32, 32) bits: −log₂ p(index | earlier indices)."""
@@ -87,30 +87,24 @@ class Run:
                           for b in indices.split(32)])
 
 
-def load_prior(path: Path, device: torch.device) -> PixelCNN:
-    state = load_checkpoint(path)
-    model = PixelCNN(PriorConfig(**state["model_config"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise RunError(f"{path} does not match its own config: {str(err).splitlines()[0]}") \
-            from err
-    return model.to(device).eval()
-
-
 # ------------------------------------------------------------------ prior: whole-grid uses
 @torch.no_grad()
 def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = GIBBS_SWEEPS,
-                         generator: torch.Generator | None = None, top_k: int = GIBBS_TOP_K,
+                         generator: torch.Generator | None = None,
+                         proposals: int = GIBBS_PROPOSALS,
                          temperature: float = 1.0) -> torch.Tensor:
-    """Fill every −1 in `indices` (B, H, W) by raster sampling, then resample each filled site
-    `sweeps` times in turn (Gibbs) from p(site | every other index), given indices after it
-    included; given indices are kept.
+    """Fill every −1 in `indices` (B, H, W) by raster sampling, then update each filled site
+    `sweeps` times in turn so that it follows p(site | every other index), given indices after
+    it included; given indices are kept.
 
-    p(site = k | rest) ∝ Π over the site and every later site s of p(i_s | sites before s),
-    i.e. the grid's likelihood with k at the site. It is evaluated for the `top_k` codes most
-    likely under the site's own conditional: one batched forward pass per site. When no given
-    index follows a hole, raster sampling already conditions on all of them and is returned.
+    p(site = k | rest) ∝ p(k | earlier sites) · Π over later sites s of p(i_s | sites before s).
+    Each update draws `proposals` codes from the first factor, the site's own conditional, and
+    picks among them and the current code with weights ∝ the second factor (one batched forward
+    pass of the whole grid per site). This multiple-proposal step (Tjelmeland 2004; Calderhead
+    2014) leaves the full conditional exactly invariant; keeping only the top codes instead
+    would bias the fill towards likely codes (on the demo run: smooth, uniform fills).
+    When no given index follows a hole, raster sampling already conditions on all of them and
+    is returned.
     """
     holes = indices == -1
     grids = prior.sample(indices, temperature, generator)
@@ -121,40 +115,42 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = G
     for _ in range(sweeps):
         for r, c in sites:
             items = torch.nonzero(holes[:, r, c]).squeeze(1)
-            codes, new_logits = _gibbs_site(prior, grids[items], logits[items], r, c, top_k,
-                                            temperature, generator)
+            codes, new_logits = _gibbs_site(prior, grids[items], logits[items], r, c,
+                                            proposals, temperature, generator)
             grids[items, r, c] = codes
             logits[items] = new_logits
     return grids
 
 
 def _gibbs_site(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: int, c: int,
-                top_k: int, temperature: float,
+                proposals: int, temperature: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw site (r, c) of each grid (B, H, W) given everything else; `logits` (B, K, H, W)
+    """Update site (r, c) of each grid (B, H, W) given everything else; `logits` (B, K, H, W)
     are the prior's for the grids. Returns the new codes and the logits of the new grids."""
-    candidates, log_likelihood, trial_logits = candidate_likelihoods(prior, grids, logits, r, c,
-                                                                     top_k)
-    weights = torch.softmax(log_likelihood / temperature, dim=1)
-    pick = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    rows = torch.arange(len(grids), device=grids.device)
-    return candidates[rows, pick], trial_logits.unflatten(0, candidates.shape)[rows, pick]
-
-
-def candidate_likelihoods(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: int,
-                          c: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top_k codes (B, k) of site (r, c)'s own conditional in each grid, the log-likelihood
-    (B, k) of the grid with each of them there (up to a constant per grid), and the logits
-    (B·k, K, H, W) of those grids."""
-    b, k = len(grids), min(top_k, logits.shape[1])
-    candidates = logits[:, :, r, c].topk(k, dim=1).indices
-    trials = grids.repeat_interleave(k, dim=0)
-    trials[:, r, c] = candidates.flatten()
+    own = torch.softmax(logits[:, :, r, c].double() / temperature, dim=1)
+    drawn = torch.multinomial(own, proposals, replacement=True, generator=generator)  # (B, P)
+    candidates = torch.cat([grids[:, r, c, None], drawn], dim=1)  # the current code first
+    trials = grids.repeat_interleave(proposals, dim=0)
+    trials[:, r, c] = drawn.flatten()
     trial_logits = prior(trials)
-    log_p = -F.cross_entropy(trial_logits, trials, reduction="none").flatten(1)
-    # Sites before (r, c) do not see it: only the site and later ones tell candidates apart.
-    log_likelihood = log_p[:, r * grids.shape[2] + c:].double().sum(1).view(b, k)
-    return candidates, log_likelihood, trial_logits
+    later = torch.cat([later_log_likelihood(logits, grids, r, c)[:, None],
+                       later_log_likelihood(trial_logits, trials, r, c).view(-1, proposals)], 1)
+    pick = torch.multinomial(torch.softmax(later / temperature, dim=1), 1,
+                             generator=generator).squeeze(1)
+    rows = torch.arange(len(grids), device=grids.device)
+    new_logits = logits.clone()
+    moved = pick > 0
+    new_logits[moved] = trial_logits.unflatten(0, drawn.shape)[rows[moved], pick[moved] - 1]
+    return candidates[rows, pick], new_logits
+
+
+def later_log_likelihood(logits: torch.Tensor, grids: torch.Tensor, r: int,
+                         c: int) -> torch.Tensor:
+    """(B,) log-likelihood of each grid's sites after (r, c) in raster order, from the prior's
+    logits (B, K, H, W): the part of the grid's likelihood that the code at (r, c) changes
+    besides its own conditional (earlier sites do not see it)."""
+    log_p = -F.cross_entropy(logits, grids, reduction="none").flatten(1)
+    return log_p[:, r * grids.shape[2] + c + 1:].double().sum(1)
 
 
 def _given_after_holes(holes: torch.Tensor) -> bool:
@@ -261,14 +257,15 @@ def figure_scores_by_slice(per_slice: dict[str, dict], path: Path) -> None:
 
 
 def figure_surprise(study: evaluation.LesionStudy, n: int, path: Path) -> None:
-    """Slices without and with a lesion, each beside its per-site surprise."""
+    """Slices without and with a lesion (outlined in both), each beside its per-site surprise."""
     images = [[clean, clean, lesioned, lesioned]
               for clean, lesioned in zip(study.clean[:n], study.lesioned[:n], strict=True)]
     heat = [[None, cb, None, lb]
             for cb, lb in zip(study.clean_bits[:n], study.lesion_bits[:n], strict=True)]
     vmax = float(np.percentile(np.concatenate([study.clean_bits, study.lesion_bits]), 99.5))
     save_heatmap_grid(images, heat, path, ["test slice", "surprise", "with lesion", "surprise"],
-                      vmax=vmax, label="−log₂ p(index | earlier) [bits]")
+                      vmax=vmax, label="−log₂ p(index | earlier) [bits]",
+                      outlines=list(study.lesion_pixels[:n]))
 
 
 def _rows(items: list[np.ndarray], per_row: int) -> list[list[np.ndarray]]:
@@ -298,7 +295,7 @@ def evaluate(run: Run, test: dataset.SliceSet, indices: torch.Tensor,
     chosen = test.images[evenly_spaced(len(test), args.n_inpaint)]
     inpainting, completions = _timed(
         "inpainting", evaluation.inpainting_metrics, run, chosen, INPAINT_MASKS,
-        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_top_k)
+        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_proposals)
     metrics.update(inpainting)
     figure_inpainting_methods(completions["centre_square"], args.n_show,
                               out / "inpainting_centre_square.png")
@@ -355,15 +352,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test images inpainted for the inpainting metrics")
     p.add_argument("--gibbs-sweeps", type=int, default=GIBBS_SWEEPS,
                    help="full-context inpainting: Gibbs sweeps over the masked sites")
-    p.add_argument("--gibbs-top-k", type=int, default=GIBBS_TOP_K,
-                   help="full-context inpainting: candidate codes per site")
+    p.add_argument("--gibbs-proposals", type=int, default=GIBBS_PROPOSALS,
+                   help="full-context inpainting: codes drawn per site and update")
     p.add_argument("--surprise", action="store_true",
                    help="surprise maps of test slices with a synthetic lesion: "
                         "figures/surprise.png and surprise.json")
     p.add_argument("--n-surprise", type=int, default=N_SURPRISE,
                    help="test slices that get a lesion for --surprise")
     args = p.parse_args(argv)
-    for flag in ("n_eval_samples", "n_inpaint", "gibbs_top_k", "n_surprise"):
+    for flag in ("n_eval_samples", "n_inpaint", "gibbs_proposals", "n_surprise"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -373,7 +370,7 @@ def run_predict(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     run = Run(Path(args.run), pick_device())
     root = Path(args.data) if args.data else run.data_root
-    test = dataset.load_split(dataset.find_split_dirs(root)["test"])
+    test = dataset.load_splits(root, splits=("test",))["test"]
     out = run.path / "figures"
     show = test.images[torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()]
     figure_reconstructions(run, show, out)

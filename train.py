@@ -274,17 +274,27 @@ def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], r
 
 
 # ---------------------------------------------------------------- encoding between the stages
-def load_vqvae(path: Path, device: torch.device) -> tuple[VQVAE, dataset.Normalisation, dict]:
-    """Rebuild a VQ-VAE from its checkpoint alone."""
+def rebuild(path: Path, model_class: type, config_class: type,
+            device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A model rebuilt from its checkpoint alone (config + weights), in eval mode."""
     state = load_checkpoint(path)
-    model = VQVAE(VQVAEConfig(**state["model_config"]))
+    model = model_class(config_class(**state["model_config"]))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"{path} does not match its own config: {str(err).splitlines()[0]}") \
             from err
-    norm = dataset.Normalisation.from_dict(state["normalisation"])
-    return model.to(device).eval(), norm, state
+    return model.to(device).eval(), state
+
+
+def load_vqvae(path: Path, device: torch.device) -> tuple[VQVAE, dataset.Normalisation, dict]:
+    """The VQ-VAE of a checkpoint, with the normalisation it was trained with."""
+    model, state = rebuild(path, VQVAE, VQVAEConfig, device)
+    return model, dataset.Normalisation.from_dict(state["normalisation"]), state
+
+
+def load_prior(path: Path, device: torch.device) -> PixelCNN:
+    return rebuild(path, PixelCNN, PriorConfig, device)[0]
 
 
 @torch.no_grad()

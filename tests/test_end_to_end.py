@@ -66,7 +66,7 @@ def predicted_run(trained_run, tmp_path_factory):
     np.save(mask, grid)
     code = predict.main(["--run", str(trained_run), "--evaluate", "--n-samples", "2",
                          "--n-show", "2", "--mask", str(mask), "--n-eval-samples", "3",
-                         "--n-inpaint", "2", "--gibbs-top-k", "2", "--surprise",
+                         "--n-inpaint", "2", "--gibbs-proposals", "2", "--surprise",
                          "--n-surprise", "2", "--reconstruct-dir", str(folder / "recon")])
     assert code == 0
     return trained_run, folder / "recon"
