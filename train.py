@@ -65,7 +65,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "vqvae": VQVAEConfig(),
         "prior": PriorConfig(channels=48),
-        "vqvae_stage": StageSettings(epochs=12, batch_size=64, lr=2e-3, crop=128,
+        "vqvae_stage": StageSettings(epochs=10, batch_size=64, lr=2e-3, crop=128,
                                      crops_per_image=4),
         "prior_stage": StageSettings(epochs=4, batch_size=32, lr=2e-3),
     },
