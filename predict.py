@@ -184,15 +184,25 @@ def centre_square_mask(grid: int = 32, side: int = 12) -> torch.Tensor:
 INPAINT_MASKS = {"bottom_half": bottom_half_mask(), "centre_square": centre_square_mask()}
 
 
-def load_mask(path: Path, grid: int = 32, image_size: int = 256) -> torch.Tensor:
-    """A user mask (PNG or .npy, white/non-zero = fill in) at index-grid or image resolution
-    → (grid, grid) bool; an image-resolution mask marks every site whose patch it touches."""
+def load_mask(path: Path, n_codes: int, grid: int = 32, image_size: int = 256) -> torch.Tensor:
+    """A user mask → (grid, grid) bool, True where the prior fills in.
+
+    A PNG (white/non-zero = fill) or a .npy array, at index-grid or image resolution; an
+    image-resolution mask marks every site whose patch it touches. A .npy array holds 0/1, or
+    is an index grid: −1 where to fill, valid code indices elsewhere."""
     if not path.is_file():
         raise RunError(f"mask {path} not found")
-    array = np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path).convert("L"))
+    try:
+        array = (np.load(path) if path.suffix == ".npy"
+                 else np.asarray(Image.open(path).convert("L")))
+    except Exception as err:  # numpy and PIL raise many kinds
+        raise RunError(f"mask {path} cannot be read ({type(err).__name__}); save it as a PNG "
+                       "or a .npy array") from err
     if array.shape not in ((grid, grid), (image_size, image_size)):
         raise RunError(f"mask {path} is {array.shape}; it must be {grid}×{grid} (index grid) or "
                        f"{image_size}×{image_size} (image)")
+    if path.suffix == ".npy":
+        array = _npy_mask(path, array, n_codes)
     mask = torch.from_numpy(np.asarray(array) != 0)
     if mask.shape[0] == image_size:
         patch = image_size // grid
@@ -200,6 +210,18 @@ def load_mask(path: Path, grid: int = 32, image_size: int = 256) -> torch.Tensor
     if not mask.any():
         raise RunError(f"mask {path} marks nothing to inpaint: make the region to fill non-zero")
     return mask
+
+
+def _npy_mask(path: Path, array: np.ndarray, n_codes: int) -> np.ndarray:
+    """0/1 → as is; an index grid (−1 = fill, else a code index) → 1 where −1."""
+    values = np.unique(array)
+    if np.isin(values, (0, 1)).all():
+        return array
+    valid = (values == -1) | ((values >= 0) & (values < n_codes) & (values == np.round(values)))
+    if not valid.all():
+        raise RunError(f"mask {path} holds {values[~valid][0]}: use 0/1, or −1 (fill) and code "
+                       f"indices in [0, {n_codes})")
+    return array == -1
 
 
 def show_mask(images: np.ndarray, mask: torch.Tensor) -> np.ndarray:
@@ -378,7 +400,8 @@ def run_predict(args: argparse.Namespace) -> Path:
     figure_inpainting(run, show, bottom_half_mask(), args.temperature, args.seed,
                       out / "inpainting_bottom_half.png")
     if args.mask:
-        figure_inpainting(run, show, load_mask(args.mask), args.temperature, args.seed,
+        mask = load_mask(args.mask, run.vqvae.cfg.n_codes)
+        figure_inpainting(run, show, mask, args.temperature, args.seed,
                           out / "inpainting_custom.png")
     if args.evaluate or args.reconstruct_dir:
         indices = run.encode(test.images)

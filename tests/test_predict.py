@@ -9,6 +9,7 @@ import torch
 
 import evaluation
 import predict
+from io_utils import RunError
 from modules import PixelCNN, PriorConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,3 +177,29 @@ def test_demo_prior_is_surprised_by_a_lesion():
     study = evaluation.lesion_study(run, test.images[evaluation.evenly_spaced(len(test), 8)], 0)
     scores = evaluation.surprise_metrics(study)
     assert scores["surprise_lesion_bits"] > scores["surprise_brain_bits"]
+
+
+def test_user_masks_are_checked(tmp_path):
+    ok = tmp_path / "ok.npy"
+    grid = np.zeros((32, 32), np.int64)
+    grid[4:8, 4:8] = 1
+    np.save(ok, grid)
+    assert predict.load_mask(ok, 16).sum() == 16
+    index_grid = np.full((32, 32), 3)
+    index_grid[0, :2] = -1
+    np.save(tmp_path / "grid.npy", index_grid)
+    assert predict.load_mask(tmp_path / "grid.npy", 16).sum() == 2
+    for name, array, words in [
+        ("shape.npy", np.ones((30, 30)), "must be 32×32"),
+        ("values.npy", np.where(grid == 1, -1, 99), "holds 99"),
+        ("negative.npy", np.full((32, 32), -2), "holds -2"),
+        ("empty.npy", np.zeros((32, 32)), "marks nothing"),
+    ]:
+        np.save(tmp_path / name, array)
+        with pytest.raises(RunError, match=words):
+            predict.load_mask(tmp_path / name, 16)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(RunError, match="cannot be read"):
+        predict.load_mask(tmp_path / "junk.npy", 16)
+    with pytest.raises(RunError, match="not found"):
+        predict.load_mask(tmp_path / "missing.png", 16)
