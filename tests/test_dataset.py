@@ -150,6 +150,16 @@ def test_corrupt_image_is_named(tmp_path):
         load_splits(root)
 
 
+def test_truncated_png_is_named(tmp_path):
+    root = make_oasis_root(tmp_path)
+    path = root / OASIS_DIRS[0] / "case_001_slice_0.nii.png"
+    noisy = np.random.default_rng(0).integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    Image.fromarray(noisy).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DatasetError, match="case_001_slice_0.nii.png"):
+        load_splits(root)
+
+
 # ---------------------------------------------------------------- conversion and size
 
 
