@@ -335,11 +335,6 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
-def shift_right(x: torch.Tensor) -> torch.Tensor:
-    """Column c receives column c−1 (column 0 receives zeros)."""
-    return F.pad(x, (1, 0))[:, :, :, :-1]
-
-
 class GatedLayer(nn.Module):
     """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot.
 

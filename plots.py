@@ -60,20 +60,6 @@ def save_loss_curves(history: Sequence[dict[str, float]], keys: Sequence[str], p
     _save(fig, path)
 
 
-def save_line_plot(x: Sequence[float], series: dict[str, Sequence[float]], path: Path,
-                   title: str, xlabel: str, ylabel: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, ys in series.items():
-        ax.plot(x, ys, marker="o", ms=3, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-
-
 def save_line_panels(x: Sequence[float], panels: dict[str, dict[str, Sequence[float]]],
                      path: Path, title: str, xlabel: str) -> None:
     """One panel per entry of `panels` (its key is the y label), stacked over a shared x axis,
