@@ -23,7 +23,7 @@ from PIL import Image
 
 import dataset
 import evaluation
-from evaluation import apply_mask, evenly_spaced, sites_to_pixels, to_uint8
+from evaluation import apply_mask, evenly_spaced, pixels_to_sites, sites_to_pixels, to_uint8
 from io_utils import RunError, write_json
 from modules import PixelCNN
 from plots import save_grid, save_heatmap_grid, save_line_panels
@@ -203,10 +203,8 @@ def load_mask(path: Path, n_codes: int, grid: int = 32, image_size: int = 256) -
                        f"{image_size}×{image_size} (image)")
     if path.suffix == ".npy":
         array = _npy_mask(path, array, n_codes)
-    mask = torch.from_numpy(np.asarray(array) != 0)
-    if mask.shape[0] == image_size:
-        patch = image_size // grid
-        mask = mask.view(grid, patch, grid, patch).any(dim=3).any(dim=1)
+    marked = np.asarray(array) != 0
+    mask = torch.from_numpy(pixels_to_sites(marked, grid) if len(marked) == image_size else marked)
     if not mask.any():
         raise RunError(f"mask {path} marks nothing to inpaint: make the region to fill non-zero")
     return mask
