@@ -270,7 +270,7 @@ def train_project(root: Path, n_train: int | None, epochs: int, seed: int) -> di
         crops = train.random_crops(images[batch % len(images)], settings.crop, generator)
         with train.autocast(dev):
             return train.vqvae_losses(model, train.to_model_input(crops, norm, dev),
-                                      settings.l1_weight)
+                                      settings, norm)
 
     n_samples = len(images) * settings.crops_per_image
     stage = train.make_stage(

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import binary_dilation
 from skimage.metrics import structural_similarity
 
@@ -29,6 +30,25 @@ def ssim_with_map(reference: np.ndarray, image: np.ndarray) -> tuple[float, np.n
     inner = np.full_like(full, np.nan)
     inner[border:-border, border:-border] = full[border:-border, border:-border]
     return float(mean), inner
+
+
+def ssim_torch(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of (B, 1, H, W) images in [0, 1], differentiable: the metric above (same
+    window and constants, border left out) as a training loss term."""
+    radius = SSIM_WINDOW // 2
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    gauss = torch.exp(-offsets ** 2 / (2 * SSIM_SETTINGS["sigma"] ** 2))
+    gauss = (gauss / gauss.sum()).repeat(5, 1, 1, 1)  # (5, 1, 1, k): one filter per moment
+    x, y = reference.float(), image.float()
+    moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    # The Gaussian window is separable: a row pass then a column pass, no padding.
+    moments = F.conv2d(moments, gauss, groups=5)
+    mean_x, mean_y, xx, yy, xy = F.conv2d(moments, gauss.transpose(2, 3), groups=5).unbind(1)
+    var_x, var_y, cov = xx - mean_x ** 2, yy - mean_y ** 2, xy - mean_x * mean_y
+    c1, c2 = (0.01 * SSIM_SETTINGS["data_range"]) ** 2, (0.03 * SSIM_SETTINGS["data_range"]) ** 2
+    score = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)
+             / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2)))
+    return score.mean()
 
 
 def psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import dataset
 import engine
 from io_utils import RunError, load_checkpoint, save_checkpoint, write_csv, write_json
-from metrics import batch_scores, codebook_stats_from_counts
+from metrics import batch_scores, codebook_stats, codebook_stats_from_counts, ssim_torch
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
 from plots import save_grid, save_loss_curves
 
@@ -53,6 +53,7 @@ class StageSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     l1_weight: float = 0.0  # VQ-VAE only: extra L1 term on the reconstruction
+    ssim_weight: float = 0.0  # VQ-VAE only: extra (1 − SSIM) term, SSIM on [0, 1] pixels
     grad_clip: float = 1.0
     # VQ-VAE only: train on random crops (0: whole slices). The model is fully convolutional
     # with per-pixel normalisation, so it then runs unchanged on whole slices; crops spend the
@@ -65,15 +66,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "vqvae": VQVAEConfig(),
         "prior": PriorConfig(channels=48),
-        "vqvae_stage": StageSettings(epochs=10, batch_size=64, lr=2e-3, crop=128,
-                                     crops_per_image=4),
-        "prior_stage": StageSettings(epochs=4, batch_size=32, lr=2e-3),
+        # Small batches: on a CPU the time per sample hardly depends on the batch, so a
+        # fixed budget buys many more updates, which is what these small models need.
+        "vqvae_stage": StageSettings(epochs=14, batch_size=4, lr=2e-3, ssim_weight=1.0,
+                                     crop=128, crops_per_image=2),
+        "prior_stage": StageSettings(epochs=3, batch_size=8, lr=2e-3),
     },
     "tiny": {  # smoke tests: seconds on a CPU, not a useful model
         "vqvae": VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
         "prior": PriorConfig(channels=16, dilations=(1, 2, 4, 8, 16, 1)),
         "vqvae_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1, crop=128,
-                                     crops_per_image=2),
+                                     crops_per_image=2, ssim_weight=1.0),
         "prior_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1),
     },
     "full": {
@@ -81,7 +84,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                              n_codes=512),
         "prior": PriorConfig(channels=128,
                              dilations=(1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1)),
-        "vqvae_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500),
+        "vqvae_stage": StageSettings(epochs=100, batch_size=32, lr=1e-3, warmup_steps=500,
+                                     ssim_weight=1.0),
         "prior_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500),
     },
 }
@@ -187,13 +191,19 @@ def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_sam
 
 
 # ------------------------------------------------------------------------- stage 1: VQ-VAE
-def vqvae_losses(model: torch.nn.Module, x: torch.Tensor,
-                 l1_weight: float) -> dict[str, torch.Tensor]:
+def vqvae_losses(model: torch.nn.Module, x: torch.Tensor, settings: StageSettings,
+                 norm: dataset.Normalisation) -> dict[str, torch.Tensor]:
     out = model(x)
     recon = F.mse_loss(out.reconstruction.float(), x)
     loss = recon + out.vq_loss
-    if l1_weight:
-        loss = loss + l1_weight * F.l1_loss(out.reconstruction.float(), x)
+    if settings.l1_weight:
+        loss = loss + settings.l1_weight * F.l1_loss(out.reconstruction.float(), x)
+    if settings.ssim_weight:
+        # SSIM's constants assume [0, 1] pixels: score the images on that scale (unclamped,
+        # so that out-of-range pixels still get gradients).
+        reference, image = (t.float() * norm.std + norm.mean for t in (x, out.reconstruction))
+        similarity = ssim_torch(reference, image)
+        loss = loss + settings.ssim_weight * (1 - similarity)
     return {"loss": loss, "recon": recon, "codebook": out.codebook_loss,
             "commitment": out.commitment_loss}
 
@@ -251,7 +261,7 @@ def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], r
         crops = random_crops(train_images[batch % len(train_images)], settings.crop, generator)
         with autocast(device):
             return vqvae_losses(stage.model, to_model_input(engine.shard(crops), norm, device),
-                                settings.l1_weight)
+                                settings, norm)
 
     def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
         save_reconstruction_grid(model, grid_images, norm, device,
@@ -316,7 +326,17 @@ def encode_splits(run: Path, splits: dict[str, dataset.SliceSet],
         indices[f"{name}_names"] = list(split.names)
     if engine.is_main():
         save_checkpoint(indices, run / "indices.pt")
+        report_codebook_usage(run, {name: indices[name] for name in splits}, model.cfg.n_codes)
     return indices
+
+
+def report_codebook_usage(run: Path, grids: dict[str, torch.Tensor], n_codes: int) -> None:
+    """Codes used and perplexity of each split's index grids: printed, and in codebook.json."""
+    stats = {name: codebook_stats(g, n_codes) for name, g in grids.items()}
+    write_json(stats, run / "codebook.json")
+    print(f"codebook (K = {n_codes}): " + ", ".join(
+        f"{name} {row['codes_used']} used ({row['codebook_usage']:.1%}), perplexity "
+        f"{row['codebook_perplexity']:.1f}" for name, row in stats.items()), flush=True)
 
 
 # ------------------------------------------------------------------------ stage 2: PixelCNN
@@ -421,8 +441,8 @@ def run_training(args: argparse.Namespace) -> Path:
               + f" | device {device} | processes {engine.world()[1]}")
     if args.stage in ("vqvae", "both"):
         train_vqvae(args, splits, run, device)
+    indices = encode_splits(run, splits, device)
     if args.stage in ("prior", "both"):
-        indices = encode_splits(run, splits, device)
         train_prior(args, indices, run, device)
     return run
 

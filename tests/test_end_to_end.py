@@ -47,6 +47,8 @@ def test_training_writes_checkpoints_logs_and_figures(trained_run):
     indices = torch.load(trained_run / "indices.pt", weights_only=True)
     assert indices["train"].shape == (8, 32, 32)
     assert indices["test"].shape == (4, 32, 32)
+    usage = json.loads((trained_run / "codebook.json").read_text())
+    assert usage["test"]["codes_used"] == len(torch.unique(indices["test"]))
 
 
 def test_checkpoint_alone_rebuilds_the_models(trained_run):

@@ -12,6 +12,7 @@ from metrics import (
     masked_scores,
     mean_scores,
     ssim,
+    ssim_torch,
 )
 
 
@@ -103,3 +104,13 @@ def test_masked_scores_ignore_the_pixels_outside_the_mask():
 def test_ssim_matches_the_map_version():
     ref, img = _pair()
     assert math.isclose(ssim(ref, img), image_scores(ref, img)["ssim"], rel_tol=1e-12)
+
+
+def test_differentiable_ssim_matches_scikit_image():
+    rng = np.random.default_rng(3)
+    ref = rng.random((2, 1, 40, 48))
+    img = np.clip(ref + rng.normal(0, 0.1, ref.shape), 0, 1)
+    expected = np.mean([ssim(r[0], i[0]) for r, i in zip(ref, img, strict=True)])
+    got = ssim_torch(torch.from_numpy(ref), torch.from_numpy(img).requires_grad_())
+    assert math.isclose(got.item(), expected, rel_tol=1e-5)
+    got.backward()  # it is a loss: gradients must flow

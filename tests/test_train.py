@@ -1,7 +1,10 @@
 import torch
 
+from dataset import Normalisation
 from engine import epoch_batches
-from train import PROFILES, apply_profile, parse_args, random_crops
+from metrics import ssim_torch
+from modules import VQVAE
+from train import PROFILES, StageSettings, apply_profile, parse_args, random_crops, vqvae_losses
 
 
 def test_random_crops_sit_on_the_code_lattice_inside_the_margin():
@@ -37,3 +40,17 @@ def test_flags_override_the_profile():
     args.profile = "demo"
     apply_profile(args)
     assert args.vqvae_config.hidden == PROFILES["demo"]["vqvae"].hidden
+
+
+def test_ssim_weight_adds_one_minus_ssim_on_unit_scale_pixels():
+    torch.manual_seed(0)
+    model = VQVAE(PROFILES["tiny"]["vqvae"]).eval()
+    norm = Normalisation(mean=0.2, std=0.3)
+    x = norm.normalise(torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8))
+    plain = vqvae_losses(model, x, StageSettings(epochs=1, batch_size=2, lr=1e-3), norm)
+    settings = StageSettings(epochs=1, batch_size=2, lr=1e-3, ssim_weight=0.5)
+    with_ssim = vqvae_losses(model, x, settings, norm)
+    reconstruction = model(x).reconstruction
+    expected = 0.5 * (1 - ssim_torch(x * 0.3 + 0.2, reconstruction * 0.3 + 0.2))
+    assert torch.isclose(with_ssim["loss"] - plain["loss"], expected, atol=1e-6)
+    assert expected > 0
