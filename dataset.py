@@ -739,6 +739,14 @@ def demo_subject_slices(
     template: torch.Tensor, rng: np.random.Generator, n_slices: int
 ) -> np.ndarray:
     """One pseudo-subject from `template` (3, X, Y, Z): uint8 (n_slices, 256, 256), bottom up."""
+    return demo_subject_with_clean(template, rng, n_slices)[0]
+
+
+def demo_subject_with_clean(
+    template: torch.Tensor, rng: np.random.Generator, n_slices: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`demo_subject_slices`, and the same slices without their added noise (same scaling):
+    how well a perfect denoiser could reconstruct them."""
     heights = torch.nonzero((template[0] > 0).any(0).any(0))[:, 0]  # axial planes that hold brain
     grid = demo_sampling_grid(
         template.shape[1:], (heights.min().item(), heights.max().item()), rng, n_slices
@@ -749,12 +757,13 @@ def demo_subject_slices(
     contrast = 1 + rng.uniform(-0.08, 0.08) * gm + rng.uniform(-0.04, 0.08) * wm
     image = (t1 * contrast).clamp(min=0) ** rng.uniform(0.8, 1.25) * demo_bias_field(rng, n_slices)
     noise = torch.from_numpy(rng.standard_normal(image.shape, dtype=np.float32))
+    clean = image.clamp(min=0) * brain
     image = (image + rng.uniform(0.01, 0.03) * noise).clamp(min=0) * brain
 
     # Every 7th brain pixel: torch.quantile refuses inputs above 16M values.
     bright = torch.quantile(image[brain][::7], 0.99)
-    image = image * (rng.uniform(225, 250) / bright)
-    return image.round().clamp(0, 255).to(torch.uint8).numpy()
+    scale = rng.uniform(225, 250) / bright
+    return tuple((t * scale).round().clamp(0, 255).to(torch.uint8).numpy() for t in (image, clean))
 
 
 def demo_sampling_grid(

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,12 @@ from dataset import (
     case_id,
     centre_fit,
     compute_normalisation,
+    demo_subject_slices,
+    demo_subject_with_clean,
     find_split_dirs,
     load_split,
     load_splits,
+    load_template,
     slice_index,
 )
 
@@ -300,3 +305,26 @@ def test_demo_refuses_to_overwrite_real_data(tmp_path):
     make_oasis_root(tmp_path)
     with pytest.raises(DatasetError, match="refusing to overwrite"):
         build_demo_dataset(tmp_path, **TINY)
+
+
+def test_noise_free_demo_slices_match_the_noisy_ones_but_for_the_noise():
+    template = load_template()
+    noisy = demo_subject_slices(template, np.random.default_rng([0, 3]), 2)
+    same, clean = demo_subject_with_clean(template, np.random.default_rng([0, 3]), 2)
+    np.testing.assert_array_equal(same, noisy)  # the demo set itself is unchanged
+    difference = noisy.astype(int) - clean
+    brain = clean > 0
+    assert np.abs(difference[~brain]).max() <= 1  # background: noise clamped away
+    assert 1 < difference[brain].std() < 12  # inside: a few grey levels of noise
+    assert abs(difference[brain].mean()) < 1
+
+
+def test_noise_ceiling_script_writes_its_scores(tmp_path, monkeypatch):
+    import noise_ceiling
+
+    monkeypatch.setattr(noise_ceiling.dataset, "DEMO_TEST_SUBJECTS", 1)
+    monkeypatch.setattr(noise_ceiling.dataset, "DEMO_SLICES_PER_SUBJECT", 2)
+    assert noise_ceiling.main(["--out", str(tmp_path / "c.json")]) == 0
+    scores = json.loads((tmp_path / "c.json").read_text())
+    assert scores["n_test_images"] == 2
+    assert 0.5 < scores["test_ssim_brain"] < scores["test_ssim"] < 1

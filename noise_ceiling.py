@@ -1,0 +1,52 @@
+"""How well could any model reconstruct the demo test slices? The demo adds noise inside the
+brain; no 8×-compressed code can carry it, so the best reconstruction is the noise-free slice.
+This scores those noise-free slices against the test split as a reconstruction would be
+scored, and writes the ceiling to runs/noise_ceiling.json.
+
+    python noise_ceiling.py
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+from io_utils import write_json
+from metrics import image_scores, mean_scores
+
+
+def demo_test_pairs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The default demo set's test slices, uint8 (N, 256, 256), and their noise-free versions."""
+    first = dataset.DEMO_TRAIN_SUBJECTS + dataset.DEMO_VALIDATE_SUBJECTS + 1
+    template = dataset.load_template()
+    noisy, clean = [], []
+    with dataset.single_torch_thread():
+        for case in range(first, first + dataset.DEMO_TEST_SUBJECTS):
+            rng = np.random.default_rng([seed, case])
+            pair = dataset.demo_subject_with_clean(template, rng,
+                                                   dataset.DEMO_SLICES_PER_SUBJECT)
+            noisy.append(pair[0])
+            clean.append(pair[1])
+    return np.concatenate(noisy), np.concatenate(clean)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/noise_ceiling.json"))
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    noisy, clean = demo_test_pairs()
+    rows = [image_scores(n / 255.0, c / 255.0) for n, c in zip(noisy, clean, strict=True)]
+    ceiling = {f"test_{key}": value for key, value in mean_scores(rows).items()}
+    write_json({**ceiling, "n_test_images": len(rows)}, args.out)
+    for key, value in ceiling.items():
+        print(f"{key:>16}: {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
