@@ -341,11 +341,18 @@ def bench_training(root: Path, quick: bool, epochs: int, seed: int) -> dict:
                 "images/s = training slices per epoch / seconds of the epoch's training pass "
                 "(data loading, forward, backward, optimiser; no validation). This project "
                 f"takes {project['crops_per_image']} random {project['crop']}² crops of each "
-                "in-memory uint8 slice per epoch (as many pixels as one 256² slice); the "
-                "baseline decodes each 256² slice from its PNG file every epoch"),
+                f"in-memory uint8 slice per epoch ({pixel_share(project):.0%} of the pixels of "
+                "the whole 256² slice, which is about half black background) in batches of "
+                f"{project['batch_size']}; the baseline decodes each 256² slice from its PNG "
+                f"file every epoch, in batches of {baseline['batch_size']}"),
             "project": project, "baseline": baseline,
             "epoch_time_ratio": project["epoch_mean_s"] / baseline["epoch_mean_s"],
             "val_ssim_all_black": in_fresh_process(black_image_ssim, root)["ssim"]}
+
+
+def pixel_share(project: dict) -> float:
+    """Pixels the project trains on per slice and epoch, as a share of the whole slice."""
+    return project["crops_per_image"] * project["crop"] ** 2 / dataset.IMAGE_SIZE ** 2
 
 
 # ---------------------------------------------------------------------------------- report
