@@ -427,7 +427,7 @@ def _training_table(training: dict) -> list[str]:
         run = training[key]
         lines.append(f"| {name} | {run['epoch_mean_s']:.1f} | {run['images_per_s']:.1f} | "
                      f"{run['steps']} | {run['val_ssim']:.3f} | {run['peak_rss_mb']:.0f} |")
-    caveat = ", so after so few steps the SSIMs say little" if training["subset"] else ""
+    caveat = ": a run that scores no more has learned nothing yet"
     lines += ["", f"Epoch time, this project / baseline: {training['epoch_time_ratio']:.2f} "
                   f"(target ≤ {TARGETS['epoch_time_ratio']}). {training['definition']}. "
                   f"Validation SSIM over {training['project']['n_validate']} whole validation "

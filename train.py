@@ -70,7 +70,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # fixed budget buys many more updates, which is what these small models need.
         "vqvae_stage": StageSettings(epochs=14, batch_size=4, lr=2e-3, ssim_weight=1.0,
                                      crop=128, crops_per_image=2),
-        "prior_stage": StageSettings(epochs=3, batch_size=8, lr=2e-3),
+        "prior_stage": StageSettings(epochs=3, batch_size=8, lr=5e-3),
     },
     "tiny": {  # smoke tests: seconds on a CPU, not a useful model
         "vqvae": VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
