@@ -41,14 +41,15 @@ N_INPAINT = 8  # test images inpainted for the inpainting metrics (--evaluate)
 GIBBS_SWEEPS = 1  # full-context inpainting: Gibbs sweeps over the masked sites ...
 GIBBS_PROPOSALS = 2  # ... each site choosing among this many drawn codes and its own
 N_SURPRISE = 16  # test images that get a synthetic lesion (--surprise)
+SAMPLER = "fast"  # "fast": cached, each site computed once; "naive": a forward pass per site
 # --------------------------------------------------------------------------------------------
 
 
 class Run:
     """The trained models of a run folder, rebuilt from their checkpoints alone."""
 
-    def __init__(self, run: Path, device: torch.device) -> None:
-        self.path, self.device = run, device
+    def __init__(self, run: Path, device: torch.device, sampler: str = SAMPLER) -> None:
+        self.path, self.device, self.sampler = run, device, sampler
         self.vqvae, self.norm, state = load_vqvae(stage_checkpoint(run, "vqvae", "best"), device)
         self.data_root = Path(state["data_root"])
         self.prior = load_prior(stage_checkpoint(run, "prior", "best"), device)
@@ -72,14 +73,15 @@ class Run:
 
     def sample(self, indices: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self.prior.sample(indices.to(self.device), temperature, generator).cpu()
+        return self.prior.sample(indices.to(self.device), temperature, generator,
+                                 method=self.sampler).cpu()
 
     def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
                 proposals: int) -> torch.Tensor:
         """Fill the −1 entries: raster sampling, then `sweeps` full-context Gibbs sweeps."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return inpaint_full_context(self.prior, indices.to(self.device), sweeps, generator,
-                                    proposals, temperature).cpu()
+                                    proposals, temperature, self.sampler).cpu()
 
     def surprise(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, 32, 32) indices → (B, 32, 32) bits: −log₂ p(index | earlier indices)."""
@@ -92,7 +94,7 @@ class Run:
 def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = GIBBS_SWEEPS,
                          generator: torch.Generator | None = None,
                          proposals: int = GIBBS_PROPOSALS,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         temperature: float = 1.0, sampler: str = SAMPLER) -> torch.Tensor:
     """Fill every −1 in `indices` (B, H, W) by raster sampling, then update each filled site
     `sweeps` times in turn so that it follows p(site | every other index), given indices after
     it included; given indices are kept.
@@ -107,7 +109,7 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = G
     is returned.
     """
     holes = indices == -1
-    grids = prior.sample(indices, temperature, generator)
+    grids = prior.sample(indices, temperature, generator, method=sampler)
     if sweeps < 1 or not _given_after_holes(holes):
         return grids
     logits = prior(grids)
@@ -363,6 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--mask", type=Path, help="inpainting mask: PNG/.npy, 32×32 or 256×256")
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--sampler", choices=["fast", "naive"], default=SAMPLER,
+                   help="PixelCNN sampler: cached (fast) or a forward pass per site (naive, "
+                        "the reference); both give the same grids")
     p.add_argument("--reconstruct-dir", type=Path,
                    help="write every test reconstruction there as an 8-bit PNG, named as its "
                         "input")
@@ -388,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_predict(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
-    run = Run(Path(args.run), pick_device())
+    run = Run(Path(args.run), pick_device(), args.sampler)
     root = Path(args.data) if args.data else run.data_root
     test = dataset.load_splits(root, splits=("test",))["test"]
     out = run.path / "figures"

@@ -134,3 +134,14 @@ def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):
     assert code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (trained_run / "vqvae_last.pt").stat().st_mtime_ns == before
+
+
+def test_naive_sampler_flag_gives_the_fast_samplers_grids(trained_run):
+    assert predict.parse_args(["--sampler", "naive"]).sampler == "naive"
+    masked = torch.full((2, 32, 32), -1)
+    masked[1, :16] = 3  # inpainting: the top half given
+    fast = predict.Run(trained_run, torch.device("cpu"), "fast")
+    naive = predict.Run(trained_run, torch.device("cpu"), "naive")
+    got = naive.sample(masked, temperature=1.0, seed=5)
+    assert torch.equal(got, fast.sample(masked, temperature=1.0, seed=5))
+    assert (got >= 0).all() and (got[1, :16] == 3).all()
