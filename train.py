@@ -143,7 +143,8 @@ def autocast(device: torch.device) -> torch.autocast:
 def to_model_input(images: torch.Tensor, norm: dataset.Normalisation,
                    device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W) → normalised float (B, 1, H, W), channels_last on `device`."""
-    return norm.normalise(images).to(device).contiguous(memory_format=torch.channels_last)
+    # Moved as uint8 and normalised there: a quarter of the bytes of float32 to copy to a GPU.
+    return norm.normalise(images.to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def stage_checkpoint(run: Path, stage: str, which: str) -> Path:
