@@ -427,12 +427,12 @@ def _training_table(training: dict) -> list[str]:
         run = training[key]
         lines.append(f"| {name} | {run['epoch_mean_s']:.1f} | {run['images_per_s']:.1f} | "
                      f"{run['steps']} | {run['val_ssim']:.3f} | {run['peak_rss_mb']:.0f} |")
-    caveat = ": a run that scores no more has learned nothing yet"
     lines += ["", f"Epoch time, this project / baseline: {training['epoch_time_ratio']:.2f} "
                   f"(target ≤ {TARGETS['epoch_time_ratio']}). {training['definition']}. "
                   f"Validation SSIM over {training['project']['n_validate']} whole validation "
                   f"slices in [0, 1]; an all-black image scores "
-                  f"{training['val_ssim_all_black']:.3f}{caveat}."]
+                  f"{training['val_ssim_all_black']:.3f}: a run that scores no more has "
+                  "learned nothing yet."]
     return lines
 
 
