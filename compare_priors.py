@@ -1,6 +1,8 @@
 """Compare a run's PixelCNN prior with a seed-style prior (indices fed as a scaled scalar,
 seven gated layers with dilations 1,2,1,4,1,2,1) trained for the same number of epochs on the
-same index grids, by bits per index on the test split. Writes RUN/prior_comparison.json.
+same index grids, by bits per index on the test split; and, as an ablation, with the same
+PixelCNN trained without starting its embedding from the codebook. Writes
+RUN/prior_comparison.json.
 
     python compare_priors.py --run runs/demo
 """
@@ -17,6 +19,7 @@ import torch
 import engine
 from baselines import SeedStylePixelCNN
 from io_utils import RunError, load_checkpoint, write_json
+from modules import PixelCNN
 from train import (
     StageSettings,
     autocast,
@@ -29,13 +32,11 @@ from train import (
 )
 
 
-def train_seed_style(indices: dict, channels: int, settings: StageSettings,
-                     args: argparse.Namespace,
-                     device: torch.device) -> tuple[SeedStylePixelCNN, float]:
-    """Train the baseline with train.py's loop and settings; returns its best-validation
-    weights and the seconds taken."""
-    seed_everything(args.seed)
-    model = SeedStylePixelCNN(indices["n_codes"], channels).to(device)
+def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettings,
+                args: argparse.Namespace, device: torch.device) -> tuple[PixelCNN, float]:
+    """Train a comparison prior with train.py's loop and settings; returns its
+    best-validation weights and the seconds taken."""
+    model = model.to(device)
     grids = indices["train"]
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -43,18 +44,18 @@ def train_seed_style(indices: dict, channels: int, settings: StageSettings,
             return {"loss": model.bits_per_index(grids[batch].long().to(device))}
 
     def report(epoch: int, row: dict[str, float], _history: list) -> None:
-        print(f"seed-style prior epoch {epoch}: validation bits/index "
+        print(f"{name} epoch {epoch}: validation bits/index "
               f"{row['val_bits_per_index']:.3f}", flush=True)
 
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         stage = make_stage(
-            "seed_style_prior", model, settings, len(grids), args, device, step=step,
+            name, model, settings, len(grids), args, device, step=step,
             monitor="val_bits_per_index", after_epoch=report, checkpoint_extra=dict,
             evaluate=lambda: {"val_bits_per_index": evaluate_prior(
                 model, indices["validate"], device, settings.batch_size)})
         engine.fit(stage, Path(scratch), resume=False)
-        model.load_state_dict(load_checkpoint(Path(scratch) / "seed_style_prior_best.pt")["model"])
+        model.load_state_dict(load_checkpoint(Path(scratch) / f"{name}_best.pt")["model"])
     return model, time.time() - started
 
 
@@ -64,18 +65,29 @@ def compare(run: Path, args: argparse.Namespace) -> dict:
     state = load_checkpoint(stage_checkpoint(run, "prior", "best"))
     stage = StageSettings(**state["stage_settings"])
     ours = load_prior(stage_checkpoint(run, "prior", "best"), device)
-    baseline, seconds = train_seed_style(indices, ours.cfg.channels, stage, args, device)
-    ours_bits = evaluate_prior(ours, indices["test"], device, stage.batch_size)
-    seed_bits = evaluate_prior(baseline, indices["test"], device, stage.batch_size)
-    return {
+    seed_everything(args.seed)
+    baseline, seconds = train_alone("seed_style_prior",
+                                    SeedStylePixelCNN(indices["n_codes"], ours.cfg.channels),
+                                    indices, stage, args, device)
+    result = {
         "epochs": stage.epochs,
-        "test_bits_per_index_ours": ours_bits,
-        "test_bits_per_index_seed_style": seed_bits,
-        "reduction": 1 - ours_bits / seed_bits,
+        "test_bits_per_index_ours": evaluate_prior(ours, indices["test"], device,
+                                                   stage.batch_size),
+        "test_bits_per_index_seed_style": evaluate_prior(baseline, indices["test"], device,
+                                                         stage.batch_size),
         "params_ours": sum(p.numel() for p in ours.parameters()),
         "params_seed_style": sum(p.numel() for p in baseline.parameters()),
         "seed_style_train_seconds": seconds,
     }
+    result["reduction"] = 1 - result["test_bits_per_index_ours"] / result[
+        "test_bits_per_index_seed_style"]
+    if stage.embed_from_codebook and not args.no_ablation:
+        seed_everything(args.seed)
+        plain, _ = train_alone("prior_random_embedding", PixelCNN(ours.cfg), indices, stage,
+                               args, device)
+        result["test_bits_per_index_ours_random_embedding"] = evaluate_prior(
+            plain, indices["test"], device, stage.batch_size)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip training the run's prior without its codebook-started embedding")
     p.set_defaults(checkpoint_every=0)
     args = p.parse_args(argv)
     try:
@@ -95,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['test_bits_per_index_ours']:.3f}, seed-style "
           f"{result['test_bits_per_index_seed_style']:.3f} "
           f"({result['reduction']:.1%} fewer bits)")
+    if "test_bits_per_index_ours_random_embedding" in result:
+        print(f"ablation: ours with a randomly started embedding "
+              f"{result['test_bits_per_index_ours_random_embedding']:.3f}")
     return 0
 
 

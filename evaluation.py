@@ -55,6 +55,13 @@ def apply_mask(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked
 
 
+def given_after_holes(holes: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool holes → (B, H, W) bool: the given sites that come after a hole of their
+    grid in raster order, the context a raster-order sampler never sees."""
+    flat = holes.flatten(1)
+    return ((flat.cumsum(1) > 0) & ~flat).view_as(holes)
+
+
 def sites_to_pixels(mask: torch.Tensor, image_size: int) -> np.ndarray:
     """(grid, grid) site mask → (image_size, image_size) mask of the sites' patches."""
     patch = image_size // mask.shape[-1]
@@ -175,7 +182,9 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
                        proposals: int) -> tuple[dict, dict[str, Inpainting]]:
     """SSIM and PSNR inside each mask's region of the raster and the full-context completions
     of uint8 `images`, and of the plain reconstruction (what a perfect prior could reach).
-    Both samplers start from the same seed, so the full-context one refines the raster fill."""
+    Both samplers start from the same seed, so the full-context one refines the raster fill.
+    Where given sites follow the hole, also their mean surprise (bits) given each fill: how
+    well a fill agrees with the context that raster order cannot see."""
     originals = run.to_unit(images)
     indices = run.encode(images)
     metrics: dict = {"inpaint_n_images": len(images), "inpaint_gibbs_sweeps": sweeps,
@@ -184,14 +193,18 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
+        fills = {"reconstruction": indices,
+                 "raster": run.inpaint(masked, temperature, seed, 0, proposals),
+                 "full": run.inpaint(masked, temperature, seed, sweeps, proposals)}
         decoded = {"reconstruction": reconstructions,
-                   "raster": run.decode(run.inpaint(masked, temperature, seed, 0, proposals)),
-                   "full": run.decode(run.inpaint(masked, temperature, seed, sweeps,
-                                                  proposals))}
+                   "raster": run.decode(fills["raster"]), "full": run.decode(fills["full"])}
         pixels = sites_to_pixels(mask, images.shape[-1])
+        context = given_after_holes(masked == -1)
         for method, completed in decoded.items():
             scores = mean_scores([masked_scores(o, c, pixels)
                                   for o, c in zip(originals, completed, strict=True)])
+            if context.any():
+                scores["context_bits"] = run.surprise(fills[method])[context].mean().item()
             for key, value in scores.items():
                 metrics[f"inpaint_{name}_{method}_{key}"] = value
         completions[name] = Inpainting(originals, mask, decoded["raster"], decoded["full"])

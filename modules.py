@@ -415,6 +415,20 @@ class PixelCNN(nn.Module):
             position = self.position[:, :, :height, :width]
         return [layer.position_bias(position) for layer in self.layers]
 
+    @torch.no_grad()
+    def embed_like(self, codebook: torch.Tensor) -> None:
+        """Start the input embedding from the VQ-VAE's codebook (K, D): its leading principal
+        components, scaled like the default init (channels beyond D keep theirs). Codes with
+        nearby vectors decode to similar patches; starting them with nearby embeddings lets what
+        the prior learns about one code carry over to its neighbours."""
+        if codebook.shape[0] != self.cfg.n_codes:
+            raise ValueError(f"codebook has {codebook.shape[0]} codes, the prior "
+                             f"{self.cfg.n_codes}")
+        weight = self.embedding.weight
+        components = principal_components(codebook.float(), weight.shape[1])
+        n = components.shape[1]
+        weight[:, :n] = (components * weight.std()).to(weight)
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) indices → (B, K, H, W) logits; the logits at a site see earlier sites only."""
         x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -590,6 +604,19 @@ class _SamplingCache:
     def _matrix(conv: nn.Conv2d) -> torch.Tensor:
         """A 1×1 convolution's weight as the (C_in, C_out) matrix that right-multiplies rows."""
         return conv.weight[:, :, 0, 0].t()
+
+
+def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, D) rows → (N, min(n, D, N)) their coordinates along the leading principal axes,
+    each scaled to unit standard deviation."""
+    centred = (x - x.mean(0)).double()
+    _, _, axes = torch.linalg.svd(centred, full_matrices=False)  # axes: (min(N, D), D)
+    # An axis's sign is arbitrary and may differ between LAPACK builds or thread counts: fix
+    # it (largest entry positive) so every process starts from the same embedding.
+    largest = axes.gather(1, axes.abs().argmax(1, keepdim=True))
+    axes = axes * largest.sign()
+    coords = centred @ axes[:n].t()
+    return (coords / coords.std(0, keepdim=True).clamp(min=1e-8)).to(x.dtype)
 
 
 def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:

@@ -23,7 +23,14 @@ from PIL import Image
 
 import dataset
 import evaluation
-from evaluation import apply_mask, evenly_spaced, pixels_to_sites, sites_to_pixels, to_uint8
+from evaluation import (
+    apply_mask,
+    evenly_spaced,
+    given_after_holes,
+    pixels_to_sites,
+    sites_to_pixels,
+    to_uint8,
+)
 from io_utils import RunError, write_json
 from modules import PixelCNN
 from plots import save_grid, save_heatmap_grid, save_line_panels
@@ -110,7 +117,7 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = G
     """
     holes = indices == -1
     grids = prior.sample(indices, temperature, generator, method=sampler)
-    if sweeps < 1 or not _given_after_holes(holes):
+    if sweeps < 1 or not given_after_holes(holes).any():
         return grids
     logits = prior(grids)
     sites = torch.nonzero(holes.any(dim=0)).tolist()  # raster order
@@ -153,12 +160,6 @@ def later_log_likelihood(logits: torch.Tensor, grids: torch.Tensor, r: int,
     besides its own conditional (earlier sites do not see it)."""
     log_p = -F.cross_entropy(logits, grids, reduction="none").flatten(1)
     return log_p[:, r * grids.shape[2] + c + 1:].double().sum(1)
-
-
-def _given_after_holes(holes: torch.Tensor) -> bool:
-    """Whether any given index comes after a hole of its grid in raster order."""
-    flat = holes.flatten(1)
-    return bool(((flat.cumsum(1) > 0) & ~flat).any())
 
 
 @torch.no_grad()

@@ -60,6 +60,9 @@ class StageSettings:
     # compute on brain instead of the black background that fills half of every slice.
     crop: int = 0
     crops_per_image: int = 1  # crops taken from each training image per epoch
+    # prior only: start the prior's input embedding from the VQ-VAE codebook's principal
+    # components (PixelCNN.embed_like), so similar codes start with similar embeddings
+    embed_from_codebook: bool = False
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -70,14 +73,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         # fixed budget buys many more updates, which is what these small models need.
         "vqvae_stage": StageSettings(epochs=14, batch_size=4, lr=2e-3, ssim_weight=1.0,
                                      crop=128, crops_per_image=2),
-        "prior_stage": StageSettings(epochs=3, batch_size=8, lr=5e-3),
+        "prior_stage": StageSettings(epochs=3, batch_size=8, lr=5e-3, embed_from_codebook=True),
     },
     "tiny": {  # smoke tests: seconds on a CPU, not a useful model
         "vqvae": VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
         "prior": PriorConfig(channels=16, dilations=(1, 2, 4, 8, 16, 1)),
         "vqvae_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1, crop=128,
                                      crops_per_image=2, ssim_weight=1.0),
-        "prior_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1),
+        "prior_stage": StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1,
+                                     embed_from_codebook=True),
     },
     "full": {
         "vqvae": VQVAEConfig(hidden=(64, 128, 256), n_res_blocks=4, embedding_dim=64,
@@ -86,7 +90,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                              dilations=(1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1)),
         "vqvae_stage": StageSettings(epochs=100, batch_size=32, lr=1e-3, warmup_steps=500,
                                      ssim_weight=1.0),
-        "prior_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500),
+        "prior_stage": StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500,
+                                     embed_from_codebook=True),
     },
 }
 
@@ -359,7 +364,11 @@ def train_prior(args: argparse.Namespace, indices: dict[str, Any], run: Path,
     settings = args.prior_stage
     cfg = PriorConfig(**{**asdict(args.prior_config), "n_codes": indices["n_codes"]})
     train_grids, val_grids = indices["train"], indices["validate"]
-    model = PixelCNN(cfg).to(device)
+    model = PixelCNN(cfg)
+    if settings.embed_from_codebook:
+        model.embed_like(load_checkpoint(stage_checkpoint(run, "vqvae", "best"))["model"]
+                         ["quantiser.codebook"])
+    model = model.to(device)
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
         with autocast(device):
@@ -403,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=BETA, help="commitment loss weight")
     p.add_argument("--vqvae-lr", type=float, default=VQVAE_LR)
     p.add_argument("--prior-lr", type=float, default=PRIOR_LR)
+    p.add_argument("--prior-embedding", choices=["codebook", "random"], default=None,
+                   help="start the prior's input embedding from the codebook (the profiles' "
+                        "choice) or at random")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -421,8 +433,10 @@ def apply_profile(args: argparse.Namespace) -> None:
     args.prior_config = profile["prior"]
     args.vqvae_stage = _replace(profile["vqvae_stage"], epochs=args.vqvae_epochs,
                                 batch_size=args.batch_size, lr=args.vqvae_lr)
+    embed = None if args.prior_embedding is None else args.prior_embedding == "codebook"
     args.prior_stage = _replace(profile["prior_stage"], epochs=args.prior_epochs,
-                                batch_size=args.batch_size, lr=args.prior_lr)
+                                batch_size=args.batch_size, lr=args.prior_lr,
+                                embed_from_codebook=embed)
 
 
 def _replace(obj: Any, **overrides: Any) -> Any:

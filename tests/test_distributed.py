@@ -10,8 +10,11 @@ import torch
 from dataset import build_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+# A random prior embedding: the codebook-started one is a PCA of the codebook, and the tiny
+# codebook's near-equal components would turn the runs' last-digit VQ-VAE differences into
+# different embeddings.
 ARGS = ["--profile", "tiny", "--vqvae-epochs", "1", "--prior-epochs", "1", "--batch-size", "8",
-        "--seed", "2"]
+        "--seed", "2", "--prior-embedding", "random"]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import compare_priors
 import predict
 import train
 from dataset import build_demo_dataset
@@ -56,6 +57,19 @@ def test_checkpoint_alone_rebuilds_the_models(trained_run):
     prior = predict.load_prior(trained_run / "prior_best.pt", torch.device("cpu"))
     assert model.cfg.n_codes == prior.cfg.n_codes == 32
     assert norm.std > 0
+
+
+def test_compare_priors_trains_both_baselines_and_scores_the_test_split(trained_run):
+    assert compare_priors.main(["--run", str(trained_run)]) == 0
+    result = json.loads((trained_run / "prior_comparison.json").read_text())
+    ours = predict.load_prior(trained_run / "prior_best.pt", torch.device("cpu"))
+    grids = torch.load(trained_run / "indices.pt", weights_only=True)["test"].long()
+    with torch.no_grad():
+        bits = ours.bits_per_index(grids).item()  # one batch: the 4 test grids
+    assert math.isclose(result["test_bits_per_index_ours"], bits, rel_tol=1e-5)
+    assert math.isclose(result["reduction"], 1 - bits / result["test_bits_per_index_seed_style"])
+    assert result["params_seed_style"] < result["params_ours"]
+    assert result["test_bits_per_index_ours_random_embedding"] > 0  # the tiny profile ablates
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +124,9 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
         for method in ("raster", "full", "reconstruction"):
             assert -1 <= metrics[f"inpaint_{mask}_{method}_ssim"] <= 1
             assert metrics[f"inpaint_{mask}_{method}_psnr"] > 0
+        # surprise of the context after the hole: only the centre square has one
+        assert (f"inpaint_{mask}_full_context_bits" in metrics) == (mask == "centre_square")
+    assert metrics["inpaint_centre_square_full_context_bits"] > 0
     surprise = json.loads((run / "surprise.json").read_text())
     assert set(surprise) == {"surprise_lesion_bits", "surprise_lesion_sites_clean_bits",
                              "surprise_brain_bits", "surprise_n_images"}

@@ -1,6 +1,14 @@
+import pytest
 import torch
 
-from modules import VQVAE, PixelCNN, PriorConfig, VectorQuantiser, VQVAEConfig
+from modules import (
+    VQVAE,
+    PixelCNN,
+    PriorConfig,
+    VectorQuantiser,
+    VQVAEConfig,
+    principal_components,
+)
 
 SMALL_VQ = VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32)
 
@@ -156,3 +164,31 @@ def test_fast_sampler_logits_match_a_full_forward_pass_on_the_final_grid():
     torch.testing.assert_close(logits.permute(0, 2, 3, 1)[sampled],
                                full.permute(0, 2, 3, 1)[sampled], rtol=1e-4, atol=1e-5)
     assert torch.isnan(logits.permute(0, 2, 3, 1)[~(grid == -1).any(0).expand_as(grid)]).all()
+
+
+def test_principal_components_are_uncorrelated_unit_variance_and_ordered():
+    torch.manual_seed(0)
+    axes = torch.linalg.qr(torch.randn(3, 3))[0]  # orthonormal rows
+    x = (torch.randn(200, 3) * torch.tensor([5.0, 1.0, 0.1])) @ axes + 3
+    coords = principal_components(x, 8)
+    assert coords.shape == (200, 3)  # no more components than dimensions
+    assert torch.allclose(coords.std(0), torch.ones(3), atol=1e-5)
+    assert torch.allclose(torch.corrcoef(coords.t()), torch.eye(3), atol=1e-4)
+    along_widest = x @ axes[0]
+    assert torch.corrcoef(torch.stack([coords[:, 0], along_widest]))[0, 1].abs() > 0.99
+
+
+def test_prior_embedding_from_codebook_puts_similar_codes_close():
+    torch.manual_seed(0)
+    centres = torch.randn(2, 16) * 5
+    codebook = torch.cat([centres[0] + 0.1 * torch.randn(8, 16),
+                          centres[1] + 0.1 * torch.randn(8, 16)])
+    model = PixelCNN(PriorConfig(n_codes=16, channels=32, dilations=(1,)))
+    before = model.embedding.weight.clone()
+    model.embed_like(codebook)
+    leading = model.embedding.weight[:, 0]  # the axis that separates the two clusters
+    assert (leading[:8].sign() == -leading[8:].sign()).all()
+    assert leading[:8].std() < 0.1 * (leading[:8].mean() - leading[8:].mean()).abs()
+    assert torch.equal(model.embedding.weight[:, 16:], before[:, 16:])  # beyond D: untouched
+    with pytest.raises(ValueError, match="codes"):
+        model.embed_like(codebook[:10])

@@ -43,6 +43,16 @@ def test_full_context_inpainting_keeps_every_given_index(prior):
     assert ((filled >= 0) & (filled < 6)).all()
 
 
+def test_given_after_holes_marks_the_context_raster_order_never_sees():
+    holes = torch.zeros(2, 3, 3, dtype=torch.bool)
+    holes[0, 1, 1] = True  # given sites after it: (1, 2) and row 2
+    holes[1, 2] = True  # the last row: nothing given follows
+    after = evaluation.given_after_holes(holes)
+    expected = torch.zeros(2, 3, 3, dtype=torch.bool)
+    expected[0, 1, 2] = expected[0, 2] = True
+    assert torch.equal(after, expected)
+
+
 def test_full_context_changes_the_raster_fill_and_is_reproducible(prior):
     masked = predict.apply_mask(_grids(n=4), predict.centre_square_mask(8, 4))
 
