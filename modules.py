@@ -611,8 +611,8 @@ def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:
     each scaled to unit standard deviation."""
     centred = (x - x.mean(0)).double()
     _, _, axes = torch.linalg.svd(centred, full_matrices=False)  # axes: (min(N, D), D)
-    # An axis's sign is arbitrary and may differ between LAPACK builds or thread counts: fix
-    # it (largest entry positive) so every process starts from the same embedding.
+    # An axis's sign is arbitrary (the SVD routine picks it): fix it, largest entry positive,
+    # so the embedding does not depend on that choice.
     largest = axes.gather(1, axes.abs().argmax(1, keepdim=True))
     axes = axes * largest.sign()
     coords = centred @ axes[:n].t()
