@@ -82,12 +82,26 @@ def reconstruction_metrics(run: Run, test: dataset.SliceSet, indices: torch.Tens
                         torch.from_numpy(reconstructions))
     metrics: dict = {f"test_{k}": v for k, v in mean_scores(rows).items()}
     metrics.update(codebook_stats(indices, run.vqvae.cfg.n_codes))
+    metrics.update(brain_codebook_stats(run.to_unit(test.images), indices,
+                                        run.vqvae.cfg.n_codes))
     metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32)
     metrics["n_test_images"] = len(test)
     by_position = per_slice_position(test.names, rows)
     if by_position:
         metrics["per_slice_position"] = by_position
     return metrics
+
+
+def brain_codebook_stats(images: np.ndarray, indices: torch.Tensor, n_codes: int) -> dict:
+    """Codes used and perplexity at the sites that are mostly brain. Background sites are
+    most of a grid and share a handful of codes, so the whole grid's perplexity says little
+    about how much of the codebook's log2(K) bits per site the brain gets."""
+    grid = indices.shape[-1]
+    sites = np.stack([_mostly_brain_sites(image, grid) for image in images.reshape(
+        -1, *images.shape[-2:])])
+    stats = codebook_stats(indices[torch.from_numpy(sites)], n_codes)
+    return {"codes_used_brain": stats["codes_used"],
+            "codebook_perplexity_brain": stats["codebook_perplexity"]}
 
 
 def per_slice_position(names: list[str], rows: list[dict[str, float]]) -> dict[str, dict]:

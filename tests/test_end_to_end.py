@@ -14,7 +14,7 @@ from dataset import build_demo_dataset
 
 EXPECTED_METRICS = {"test_ssim", "test_psnr", "test_mse", "test_ssim_brain", "test_psnr_brain",
                     "codebook_usage", "codebook_perplexity", "prior_test_bits_per_index",
-                    "n_test_images"}
+                    "codes_used_brain", "codebook_perplexity_brain", "n_test_images"}
 
 
 @pytest.fixture(scope="module")

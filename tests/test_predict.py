@@ -213,3 +213,13 @@ def test_user_masks_are_checked(tmp_path):
         predict.load_mask(tmp_path / "junk.npy", 16)
     with pytest.raises(RunError, match="not found"):
         predict.load_mask(tmp_path / "missing.png", 16)
+
+
+def test_brain_codebook_stats_count_only_the_sites_that_are_mostly_brain():
+    images = np.zeros((2, 64, 64), np.float32)
+    images[0, :, :32] = 0.5  # left half of the first slice is brain; the second is all black
+    indices = torch.full((2, 8, 8), 7, dtype=torch.long)  # background code
+    indices[0, :, :4] = torch.arange(32).view(8, 4) % 4  # four codes, equally often
+    stats = evaluation.brain_codebook_stats(images, indices, n_codes=16)
+    assert stats["codes_used_brain"] == 4
+    assert math.isclose(stats["codebook_perplexity_brain"], 4.0, rel_tol=1e-9)
