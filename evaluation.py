@@ -78,12 +78,11 @@ def pixels_to_sites(mask: np.ndarray, grid: int) -> np.ndarray:
 def reconstruction_metrics(run: Run, test: dataset.SliceSet, indices: torch.Tensor,
                            reconstructions: np.ndarray) -> dict:
     """Test-split scores of the VQ-VAE and the prior, and the scores per slice position."""
-    rows = batch_scores(torch.from_numpy(run.to_unit(test.images)),
-                        torch.from_numpy(reconstructions))
+    references = run.to_unit(test.images)
+    rows = batch_scores(torch.from_numpy(references), torch.from_numpy(reconstructions))
     metrics: dict = {f"test_{k}": v for k, v in mean_scores(rows).items()}
     metrics.update(codebook_stats(indices, run.vqvae.cfg.n_codes))
-    metrics.update(brain_codebook_stats(run.to_unit(test.images), indices,
-                                        run.vqvae.cfg.n_codes))
+    metrics.update(brain_codebook_stats(references, indices, run.vqvae.cfg.n_codes))
     metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32)
     metrics["n_test_images"] = len(test)
     by_position = per_slice_position(test.names, rows)
