@@ -34,12 +34,17 @@ def ssim_with_map(reference: np.ndarray, image: np.ndarray) -> tuple[float, np.n
 
 def ssim_torch(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of (B, 1, H, W) images in [0, 1], differentiable: the metric above (same
-    window and constants, border left out) as a training loss term."""
+    window and constants, border left out) as a training loss term. Always fp32: under bf16
+    autocast the variances E[x²] − E[x]² would lose almost every significant digit."""
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        return _ssim_fp32(reference.float(), image.float())
+
+
+def _ssim_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     radius = SSIM_WINDOW // 2
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     gauss = torch.exp(-offsets ** 2 / (2 * SSIM_SETTINGS["sigma"] ** 2))
     gauss = (gauss / gauss.sum()).repeat(5, 1, 1, 1)  # (5, 1, 1, k): one filter per moment
-    x, y = reference.float(), image.float()
     moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
     # The Gaussian window is separable: a row pass then a column pass, no padding.
     moments = F.conv2d(moments, gauss, groups=5)

@@ -114,3 +114,16 @@ def test_differentiable_ssim_matches_scikit_image():
     got = ssim_torch(torch.from_numpy(ref), torch.from_numpy(img).requires_grad_())
     assert math.isclose(got.item(), expected, rel_tol=1e-5)
     got.backward()  # it is a loss: gradients must flow
+
+
+def test_differentiable_ssim_keeps_fp32_under_autocast():
+    # Under bf16 autocast (the GPU default) its convolutions would run in bf16, and the
+    # variances E[x²] − E[x]² would lose almost every significant digit.
+    rng = np.random.default_rng(4)
+    ref = torch.from_numpy(rng.random((2, 1, 40, 48), dtype=np.float32))
+    img = (ref + 0.02 * torch.from_numpy(rng.standard_normal((2, 1, 40, 48), dtype=np.float32)))
+    expected = ssim_torch(ref, img)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = ssim_torch(ref, img)
+    assert got.dtype == torch.float32
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-6)
