@@ -95,9 +95,7 @@ def brain_codebook_stats(images: np.ndarray, indices: torch.Tensor, n_codes: int
     """Codes used and perplexity at the sites that are mostly brain. Background sites are
     most of a grid and share a handful of codes, so the whole grid's perplexity says little
     about how much of the codebook's log2(K) bits per site the brain gets."""
-    grid = indices.shape[-1]
-    sites = np.stack([_mostly_brain_sites(image, grid) for image in images.reshape(
-        -1, *images.shape[-2:])])
+    sites = _mostly_brain_sites(images, indices.shape[-1])
     stats = codebook_stats(indices[torch.from_numpy(sites)], n_codes)
     return {"codes_used_brain": stats["codes_used"],
             "codebook_perplexity_brain": stats["codebook_perplexity"]}
@@ -269,7 +267,7 @@ def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:
     grid = clean_indices.shape[-1]
     clean = run.to_unit(images)
     lesion_sites = np.stack([pixels_to_sites(m, grid) for m in lesion_pixels])
-    brain_sites = np.stack([_mostly_brain_sites(image, grid) for image in clean])
+    brain_sites = _mostly_brain_sites(clean, grid)
     return LesionStudy(
         clean=clean, lesioned=run.to_unit(lesioned_images),
         clean_bits=run.surprise(clean_indices).numpy(),
@@ -289,7 +287,10 @@ def surprise_metrics(study: LesionStudy) -> dict[str, float]:
     }
 
 
-def _mostly_brain_sites(image: np.ndarray, grid: int) -> np.ndarray:
-    """(grid, grid) bool: sites whose patch is at least half brain."""
-    patch = image.shape[-1] // grid
-    return brain_mask(image).reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= 0.5
+def _mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:
+    """(N, H, W) or (N, 1, H, W) images → (N, grid, grid) bool: sites whose patch is at
+    least half brain."""
+    images = images.reshape(-1, *images.shape[-2:])
+    patch = images.shape[-1] // grid
+    return np.stack([brain_mask(image).reshape(grid, patch, grid, patch).mean(axis=(1, 3))
+                     >= 0.5 for image in images])
