@@ -30,14 +30,19 @@ Image policy (one warning per split when a rule had to be applied):
 Volume policy (`load_volume_splits`):
 
 * Volumes are reoriented to RAS+ with ``nibabel.as_closest_canonical`` (axes permuted
-  and flipped, never resampled) and cut into axial slices, bottom up, shown like the PNG
+  and flipped) and cut into axial slices, bottom up, shown like the PNG
   slices (anterior at the top, the subject's right on the left) and centre-padded or
   cropped to 256x256. Analyze headers hold no orientation: nibabel reads them as
   radiological (LAS). Trailing dimensions of size 1 are dropped (OASIS-1's Analyze files
   are 176x208x176x1); 4-D series are refused.
+* Voxels are resampled linearly (``scipy.ndimage``) to `VOLUME_SPACING_MM` (1 mm)
+  isotropic, so a pixel is 1 mm whatever the scan and the frame spans 256 mm; volumes
+  already on that grid (within 0.001 mm, like OASIS-1's) are untouched, and ``spacing=0``
+  keeps each file's grid. When the frame still cuts off brain, a warning per volume says
+  how many mm on which axis and the ``--spacing`` that fits it.
 * Slices cover the brain's axial extent: those with at least `MIN_SLICE_AREA` of the
   largest slice's brain area, ends trimmed. Each is named ``<volume>_slice_<z>.png``
-  with z its axial index in the reoriented volume.
+  with z its axial index in the reoriented, resampled volume.
 * Intensities scale per volume: 0 stays 0, the 99.5th percentile of the non-zero voxels
   becomes 255, and values are clipped to 0..255.
 * Volumes are split by subject (an OASIS ``OAS1_0001`` or BIDS ``sub-01`` in the path,
@@ -89,6 +94,8 @@ BRIGHT_PERCENTILE = 99.5  # of a volume's non-zero voxels: this level becomes 25
 EXTENT_LEVEL = 0.1  # of the bright level: voxels above it count as brain when finding the extent
 MIN_SLICE_AREA = 0.05  # of the largest axial brain area: end slices with less are dropped
 PROGRESS_MIN_VOLUMES = 20
+VOLUME_SPACING_MM = 1.0  # volumes are resampled to this isotropic voxel size; 0 keeps their grid
+SPACING_TOLERANCE_MM = 1e-3  # voxel sizes this close to the target are left unresampled
 OASIS_VOLUME = "_masked_gfc"  # OASIS-1's skull-stripped, bias-corrected, atlas-registered volume
 _SUBJECT_ID = re.compile(r"OAS\d_\d{4}|(?<![0-9A-Za-z])sub-[0-9A-Za-z]+")  # OASIS, BIDS
 
@@ -283,15 +290,19 @@ def _centred_span(length: int, size: int) -> tuple[int, int, int]:
     return (length - count) // 2, (size - count) // 2, count
 
 
-def load_split(folder: str | Path, progress: bool | None = None) -> SliceSet:
+def load_split(
+    folder: str | Path, progress: bool | None = None, spacing: float = VOLUME_SPACING_MM
+) -> SliceSet:
     """Read every image in `folder` into uint8 (N, 256, 256); by default, a bar for big splits.
 
-    A folder without images but with 3-D volumes (found recursively) gives their slices.
+    A folder without images but with 3-D volumes (found recursively) gives their slices,
+    resampled to `spacing` mm (0: each file's grid; see `load_volumes`).
     """
     folder = Path(folder)
     files = list_image_files(folder)
     if not files and (volumes := find_volumes(folder)):
-        return load_volumes(volumes, volume_names(volumes, folder), progress, folder.name)
+        names = volume_names(volumes, folder)
+        return load_volumes(volumes, names, progress, folder.name, spacing)
     if not files:
         raise DatasetError(
             f"Split folder {folder} holds no .png/.jpg/.jpeg images. Put this split's images "
@@ -324,12 +335,16 @@ def load_split(folder: str | Path, progress: bool | None = None) -> SliceSet:
 
 
 def load_splits(
-    root: str | Path, progress: bool | None = None, splits: tuple[str, ...] = SPLITS
+    root: str | Path,
+    progress: bool | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    spacing: float = VOLUME_SPACING_MM,
 ) -> dict[str, SliceSet]:
     """Load the "train", "validate" and "test" splits under `root`, or only those in `splits`.
 
     Split folders (`find_split_dirs`) come first; a root without them but with 3-D volumes is
-    split by subject (`load_volume_splits`).
+    split by subject (`load_volume_splits`). Volumes are resampled to `spacing` mm (0: each
+    file's grid); images are not.
     """
     if unknown := set(splits) - set(SPLITS):
         raise ValueError(f"Unknown splits {sorted(unknown)}; choose from {SPLITS}")
@@ -339,8 +354,8 @@ def load_splits(
         volumes = find_volumes(root) if Path(root).expanduser().is_dir() else []
         if not volumes:
             raise
-        return load_volume_splits(Path(root).expanduser(), volumes, progress, splits)
-    return {split: load_split(folders[split], progress) for split in splits}
+        return load_volume_splits(Path(root).expanduser(), volumes, progress, splits, spacing)
+    return {split: load_split(folders[split], progress, spacing) for split in splits}
 
 
 # ---------------------------------------------------------------- volumes
@@ -433,8 +448,10 @@ def load_volume_splits(
     volumes: list[Path],
     progress: bool | None = None,
     splits: tuple[str, ...] = SPLITS,
+    spacing: float = VOLUME_SPACING_MM,
 ) -> dict[str, SliceSet]:
-    """Slice the `volumes` found under `root` and split them by subject (`split_subjects`)."""
+    """Slice the `volumes` found under `root` at `spacing` mm (`load_volumes`) and split them
+    by subject (`split_subjects`)."""
     names = volume_names(volumes, root)
     subjects = [subject_id(path, root, name) for path, name in zip(volumes, names, strict=True)]
     n_subjects = len(set(subjects))
@@ -451,27 +468,67 @@ def load_volume_splits(
         wanted = set(members[split])
         chosen = [i for i, subject in enumerate(subjects) if subject in wanted]
         loaded[split] = load_volumes(
-            [volumes[i] for i in chosen], [names[i] for i in chosen], show_bar, split
+            [volumes[i] for i in chosen], [names[i] for i in chosen], show_bar, split, spacing
         )
     return loaded
 
 
 def load_volumes(
-    volumes: list[Path], names: list[str], progress: bool | None = None, label: str = "volumes"
+    volumes: list[Path],
+    names: list[str],
+    progress: bool | None = None,
+    label: str = "volumes",
+    spacing: float = VOLUME_SPACING_MM,
 ) -> SliceSet:
-    """Axial slices (`volume_slices`) of each volume in order, named ``<name>_slice_<z>.png``."""
+    """Axial slices (`slice_volume`) of each volume in order, named ``<name>_slice_<z>.png``,
+    resampled to `spacing` mm isotropic voxels (0: each file's own grid)."""
+    if not (np.isfinite(spacing) and spacing >= 0):
+        raise ValueError(
+            f"spacing must be 0 (keep each volume's grid) or a size in mm, got {spacing}"
+        )
     show_bar = len(volumes) >= PROGRESS_MIN_VOLUMES if progress is None else progress
     bar = tqdm(volumes, desc=f"Loading {label}", unit="volume", disable=not show_bar)
     stacks, slice_names = [], []
     for path, name in zip(bar, names, strict=True):
-        slices, first = volume_slices(read_volume(path))
+        slices, first = slice_volume(path, spacing)
         stacks.append(slices)
         slice_names += [f"{name}_slice_{first + k}.png" for k in range(len(slices))]
     return SliceSet(torch.from_numpy(np.concatenate(stacks)), slice_names)
 
 
-def read_volume(path: Path) -> np.ndarray:
-    """float32 (X, Y, Z) voxels of the volume at `path`, reoriented to RAS+ (nibabel's canonical).
+def slice_volume(path: Path, spacing: float = VOLUME_SPACING_MM) -> tuple[np.ndarray, int]:
+    """`volume_slices` of the volume at `path` resampled to `spacing` mm (0: its own grid);
+    warns when the frame cuts off brain."""
+    voxels, voxel_mm = read_volume(path)
+    volume, voxel_mm = resample(voxels, voxel_mm, spacing)
+    slices, first, extent_mm, cut_mm = volume_slices(volume, voxel_mm[:2])
+    if any(cut_mm):
+        warnings.warn(_cut_message(path, extent_mm, cut_mm, voxel_mm[:2]), stacklevel=2)
+    return slices, first
+
+
+def _cut_message(
+    path: Path,
+    extent_mm: tuple[float, float],
+    cut_mm: tuple[float, float],
+    pixel_mm: tuple[float, float],
+) -> str:
+    """What the frame cut off the brain of the volume at `path`, and the spacing that fits it."""
+    axes = ("left-right", "anterior-posterior")
+    cuts = [f"{cut:.0f} mm {axis}" for axis, cut in zip(axes, cut_mm, strict=True) if cut]
+    frame = " x ".join(f"{IMAGE_SIZE * mm:.0f}" for mm in pixel_mm)
+    fits = np.ceil(max(extent_mm) / IMAGE_SIZE * 10) / 10  # mm per pixel, rounded up to 0.1
+    return (
+        f"{path}: the brain spans {extent_mm[0]:.0f} x {extent_mm[1]:.0f} mm in-plane but the "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} frame holds {frame} mm, so {' and '.join(cuts)} of it were "
+        f"cut off. Pass --spacing {fits:.1f} or more (the frame spans {IMAGE_SIZE} x MM mm per "
+        "side) to keep the whole brain."
+    )
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """float32 (X, Y, Z) voxels of the volume at `path`, reoriented to RAS+ (nibabel's canonical),
+    and their size in mm along X, Y and Z.
 
     Analyze headers hold no orientation: nibabel takes them as radiological (LAS) storage.
     """
@@ -496,7 +553,8 @@ def read_volume(path: Path) -> np.ndarray:
             "into 3-D volumes (nibabel.four_to_three) or move it out of the data root."
         )
     try:
-        voxels = nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32)
+        image = nibabel.as_closest_canonical(image)
+        voxels = image.get_fdata(dtype=np.float32)
     except errors as error:
         raise _unreadable(path, error) from error
     voxels = np.nan_to_num(voxels.reshape(voxels.shape[:3]), nan=0, posinf=0, neginf=0)
@@ -505,7 +563,29 @@ def read_volume(path: Path) -> np.ndarray:
             f"Volume {path} has no voxel above 0, so no brain to slice. Delete it or move it "
             "out of the data root."
         )
-    return voxels
+    voxel_mm = nibabel.affines.voxel_sizes(image.affine)  # the header's zooms, in RAS order
+    return voxels, tuple(float(mm) for mm in voxel_mm)
+
+
+def resample(
+    volume: np.ndarray, voxel_mm: tuple[float, float, float], spacing: float = VOLUME_SPACING_MM
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """`volume`, whose voxels measure `voxel_mm`, resampled linearly to `spacing` mm isotropic
+    voxels about its centre, and the new voxel size.
+
+    Unchanged when `spacing` is 0 or within `SPACING_TOLERANCE_MM` of every voxel size.
+    """
+    if not spacing or np.allclose(voxel_mm, spacing, rtol=0, atol=SPACING_TOLERANCE_MM):
+        return volume, voxel_mm
+    from scipy.ndimage import affine_transform
+
+    step = spacing / np.asarray(voxel_mm)  # input voxels per output voxel, per axis
+    shape = np.maximum(1, np.rint(np.asarray(volume.shape) / step)).astype(int)
+    centre = (np.asarray(volume.shape) - 1) / 2 - step * (shape - 1) / 2  # centres coincide
+    resampled = affine_transform(
+        volume, step, offset=centre, output_shape=tuple(shape), order=1, mode="nearest"
+    )
+    return resampled, (spacing, spacing, spacing)
 
 
 def _unreadable(path: Path, error: Exception) -> DatasetError:
@@ -516,21 +596,37 @@ def _unreadable(path: Path, error: Exception) -> DatasetError:
     )
 
 
-def volume_slices(volume: np.ndarray) -> tuple[np.ndarray, int]:
+def volume_slices(
+    volume: np.ndarray, pixel_mm: tuple[float, float] = (1.0, 1.0)
+) -> tuple[np.ndarray, int, tuple[float, float], tuple[float, float]]:
     """uint8 (K, 256, 256) axial slices of a RAS (X, Y, Z) volume over its brain's extent,
-    bottom up, and the z index of the first.
+    bottom up; the z index of the first; and the brain's in-plane extent and the part of it
+    the frame cut off, in mm (left-right, anterior-posterior) for voxels of `pixel_mm` (X, Y).
 
     Same view as the PNG slices: anterior at the top, the subject's right on the left. Voxels
     are not resampled. Intensities scale linearly: 0 stays 0 and the `BRIGHT_PERCENTILE` of
     the non-zero voxels becomes 255 (clipped).
     """
     bright = np.percentile(volume[volume > 0], BRIGHT_PERCENTILE)
-    area = (volume > EXTENT_LEVEL * bright).sum(axis=(0, 1))  # brain voxels per axial slice
+    brain = volume > EXTENT_LEVEL * bright
+    area = brain.sum(axis=(0, 1))  # brain voxels per axial slice
     kept = np.flatnonzero(area >= MIN_SLICE_AREA * area.max())
     first, last = int(kept[0]), int(kept[-1])
     slab = volume[::-1, ::-1, first : last + 1].transpose(2, 1, 0)  # (K, Y, X), flipped in-plane
     scaled = np.clip(np.rint(slab * (255 / bright)), 0, 255).astype(np.uint8)
-    return centre_fit(scaled), first
+    inside = brain[::-1, ::-1, first : last + 1]
+    spans = [_frame_cut(inside.any(axis=other)) for other in ((1, 2), (0, 2))]  # along X, Y
+    extent_mm = tuple(span * mm for (span, _), mm in zip(spans, pixel_mm, strict=True))
+    cut_mm = tuple(cut * mm for (_, cut), mm in zip(spans, pixel_mm, strict=True))
+    return centre_fit(scaled), first, extent_mm, cut_mm
+
+
+def _frame_cut(brain: np.ndarray) -> tuple[int, int]:
+    """Span of the brain pixels along one axis of a slice, and how many `centre_fit` drops."""
+    start, _, count = _centred_span(len(brain), IMAGE_SIZE)
+    where = np.flatnonzero(brain)
+    span = int(where[-1] - where[0] + 1) if len(where) else 0
+    return span, int(brain.sum() - brain[start : start + count].sum())
 
 
 # ---------------------------------------------------------------- normalisation
@@ -548,7 +644,8 @@ class Normalisation:
             raise ValueError(f"Normalisation needs a finite mean and a positive std, got {self}")
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W) or (N, 1, H, W) -> float32 (N, 1, H, W), training set at mean 0 std 1."""
+        """uint8 (N, H, W) or (N, 1, H, W) -> float (N, 1, H, W) in torch's default dtype
+        (float32 unless set), training set at mean 0 std 1."""
         if images.dtype != torch.uint8:
             raise TypeError(f"normalise expects uint8 images, got {images.dtype}")
         if images.dim() == 3:
@@ -557,7 +654,7 @@ class Normalisation:
             raise ValueError(
                 f"normalise expects (N, H, W) or (N, 1, H, W), got {tuple(images.shape)}"
             )
-        return (images.float() / 255 - self.mean) / self.std
+        return (images.to(torch.get_default_dtype()) / 255 - self.mean) / self.std
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalise`, clamped to [0, 1]; same shape and float dtype."""

@@ -45,12 +45,25 @@ def init_distributed() -> torch.device:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); pick the device."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         cuda = torch.cuda.is_available()
+        if cuda:
+            check_one_gpu_per_process()
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_one_gpu_per_process() -> None:
+    """NCCL needs a GPU of its own for each process on a node: refuse more processes than GPUs
+    with one line that says what to pass, before any rank touches a card."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise RunError(f"torchrun started {processes} processes on this node but it has {gpus} "
+                       f"GPU(s): pass --nproc_per_node={gpus}, or CUDA_VISIBLE_DEVICES= to train "
+                       "on the CPU (gloo)")
 
 
 def shard(batch: torch.Tensor) -> torch.Tensor:

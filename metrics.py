@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_dilation
 from skimage.metrics import structural_similarity
 
+from modules import at_least_fp32
+
 SSIM_WINDOW = 11  # what σ = 1.5 with scikit-image's truncation at 3.5 σ gives
 BRAIN_DILATION_PX = 3  # grow the brain mask a little so its edge counts too
 BACKGROUND_LEVEL = 0.5 / 255  # below half an 8-bit step is background (float round trips)
@@ -34,15 +36,15 @@ def ssim_with_map(reference: np.ndarray, image: np.ndarray) -> tuple[float, np.n
 
 def ssim_torch(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of (B, 1, H, W) images in [0, 1], differentiable: the metric above (same
-    window and constants, border left out) as a training loss term. Always fp32: under bf16
+    window and constants, border left out) as a training loss term. At least fp32: under bf16
     autocast the variances E[x²] − E[x]² would lose almost every significant digit."""
     with torch.autocast(device_type=image.device.type, enabled=False):
-        return _ssim_fp32(reference.float(), image.float())
+        return _ssim_fp32(at_least_fp32(reference), at_least_fp32(image))
 
 
 def _ssim_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     radius = SSIM_WINDOW // 2
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     gauss = torch.exp(-offsets ** 2 / (2 * SSIM_SETTINGS["sigma"] ** 2))
     gauss = (gauss / gauss.sum()).repeat(5, 1, 1, 1)  # (5, 1, 1, k): one filter per moment
     moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)

@@ -72,9 +72,9 @@ class VectorQuantiser(nn.Module):
 
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) → (N,) index of the nearest code by Euclidean distance."""
-        codebook = self.codebook.detach().float()
+        codebook = at_least_fp32(self.codebook.detach())
         # ‖z‖² − 2 z·e + ‖e‖²; ‖z‖² is the same for every code, so it is left out of the argmin.
-        distances = codebook.pow(2).sum(1) - 2 * flat.float() @ codebook.t()
+        distances = codebook.pow(2).sum(1) - 2 * at_least_fp32(flat) @ codebook.t()
         return distances.argmin(dim=1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class VectorQuantiser(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantiserOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._quantise(z.float())
+            return self._quantise(at_least_fp32(z))
 
     def _quantise(self, z: torch.Tensor) -> QuantiserOutput:
         b, d, h, w = z.shape
@@ -145,6 +145,11 @@ class VectorQuantiser(nn.Module):
             self.ema_sum[dead] = fresh
             self.ema_count[dead] = 1.0
         self.steps_unused[dead] = 0
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32; fp32 and fp64 as they are (a float64 model quantises in float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _random_rows(flat: torch.Tensor, n: int) -> torch.Tensor:

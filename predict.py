@@ -59,6 +59,7 @@ class Run:
         self.path, self.device, self.sampler = run, device, sampler
         self.vqvae, self.norm, state = load_vqvae(stage_checkpoint(run, "vqvae", "best"), device)
         self.data_root = Path(state["data_root"])
+        self.spacing = state.get("spacing", dataset.VOLUME_SPACING_MM)  # of volume data
         self.prior = load_prior(stage_checkpoint(run, "prior", "best"), device)
         if self.prior.cfg.n_codes != self.vqvae.cfg.n_codes:
             raise RunError(f"prior of {run} has {self.prior.cfg.n_codes} codes but its VQ-VAE "
@@ -396,7 +397,7 @@ def run_predict(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     run = Run(Path(args.run), pick_device(), args.sampler)
     root = Path(args.data) if args.data else run.data_root
-    test = dataset.load_splits(root, splits=("test",))["test"]
+    test = dataset.load_splits(root, splits=("test",), spacing=run.spacing)["test"]
     out = run.path / "figures"
     show = test.images[torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()]
     figure_reconstructions(run, show, out)

@@ -22,7 +22,7 @@ import dataset
 import engine
 from io_utils import RunError, load_checkpoint, save_checkpoint, write_csv, write_json
 from metrics import batch_scores, codebook_stats, codebook_stats_from_counts, ssim_torch
-from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
+from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig, at_least_fp32
 from plots import save_grid, save_loss_curves
 
 # ---- Edit these, or override them with command-line flags --------------------------------
@@ -38,6 +38,7 @@ EMBEDDING_DIM: int | None = None  # D
 BETA: float | None = None
 VQVAE_LR: float | None = None
 PRIOR_LR: float | None = None
+SPACING_MM = 1.0  # volumes (NIfTI/Analyze) are resampled to this voxel size; 0 keeps theirs
 SEED = 0
 # --------------------------------------------------------------------------------------------
 
@@ -200,14 +201,15 @@ def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_sam
 def vqvae_losses(model: torch.nn.Module, x: torch.Tensor, settings: StageSettings,
                  norm: dataset.Normalisation) -> dict[str, torch.Tensor]:
     out = model(x)
-    recon = F.mse_loss(out.reconstruction.float(), x)
+    reconstruction = at_least_fp32(out.reconstruction)
+    recon = F.mse_loss(reconstruction, x)
     loss = recon + out.vq_loss
     if settings.l1_weight:
-        loss = loss + settings.l1_weight * F.l1_loss(out.reconstruction.float(), x)
+        loss = loss + settings.l1_weight * F.l1_loss(reconstruction, x)
     if settings.ssim_weight:
         # SSIM's constants assume [0, 1] pixels: score the images on that scale (unclamped,
         # so that out-of-range pixels still get gradients).
-        reference, image = (t.float() * norm.std + norm.mean for t in (x, out.reconstruction))
+        reference, image = (t * norm.std + norm.mean for t in (x, reconstruction))
         similarity = ssim_torch(reference, image)
         loss = loss + settings.ssim_weight * (1 - similarity)
     return {"loss": loss, "recon": recon, "codebook": out.codebook_loss,
@@ -285,7 +287,7 @@ def train_vqvae(args: argparse.Namespace, splits: dict[str, dataset.SliceSet], r
         evaluate=lambda: evaluate_vqvae(model, val_images, norm, device, settings.batch_size),
         checkpoint_extra=lambda: {"model_config": asdict(cfg), "stage_settings": asdict(settings),
                                   "normalisation": norm.to_dict(),
-                                  "data_root": str(args.data_root)})
+                                  "data_root": str(args.data_root), "spacing": args.spacing})
     engine.fit(stage, run, args.resume)
 
 
@@ -415,12 +417,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-embedding", choices=["codebook", "random"], default=None,
                    help="start the prior's input embedding from the codebook (the profiles' "
                         "choice) or at random")
+    p.add_argument("--spacing", type=float, default=SPACING_MM, metavar="MM",
+                   help="resample volume data to MM isotropic voxels (0: keep each file's grid; "
+                        "PNG slices are never resampled)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps inside an epoch (0: at epoch ends)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run's stage")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.spacing) and args.spacing >= 0):
+        p.error("--spacing must be 0 (keep each volume's grid) or a voxel size in mm")
     apply_profile(args)
     return args
 
@@ -450,7 +457,7 @@ def run_training(args: argparse.Namespace) -> Path:
     args.data_root = resolve_data_root(args.data)
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
-    splits = dataset.load_splits(args.data_root)
+    splits = dataset.load_splits(args.data_root, spacing=args.spacing)
     if engine.is_main():
         print(f"data {args.data_root}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
               + f" | device {device} | processes {engine.world()[1]}")

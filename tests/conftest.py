@@ -1,7 +1,17 @@
-"""Shared fixtures: one tiny demo dataset per test session."""
+"""Shared fixtures, and the `numerics` marker on every test whose result depends on floating-point
+order (kernels, devices): .ci/run runs those under each CPU kernel set the machine offers."""
 import pytest
 
 from dataset import build_demo_dataset
+
+# Modules that only check files, messages and exit codes, or arithmetic on plain Python numbers.
+NOT_NUMERIC = {"test_bad_checkpoints.py", "test_bad_data_cli.py", "test_bench.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name not in NOT_NUMERIC:
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture(scope="session")

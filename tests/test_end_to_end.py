@@ -66,7 +66,10 @@ def test_compare_priors_trains_both_baselines_and_scores_the_test_split(trained_
     grids = torch.load(trained_run / "indices.pt", weights_only=True)["test"].long()
     with torch.no_grad():
         bits = ours.bits_per_index(grids).item()  # one batch: the 4 test grids
-    assert math.isclose(result["test_bits_per_index_ours"], bits, rel_tol=1e-5)
+    # On a GPU the script scores under bf16 autocast (logits to about 3 significant digits),
+    # here on the CPU in fp32: 1e-3 holds across the two, and is far tighter than the gap to
+    # the baselines' bits.
+    assert math.isclose(result["test_bits_per_index_ours"], bits, rel_tol=1e-3)
     assert math.isclose(result["reduction"], 1 - bits / result["test_bits_per_index_seed_style"])
     assert result["params_seed_style"] < result["params_ours"]
     assert result["test_bits_per_index_ours_random_embedding"] > 0  # the tiny profile ablates

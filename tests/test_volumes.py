@@ -1,5 +1,8 @@
 """Volume roots: NIfTI and Analyze files sliced axially and split by subject."""
 
+import re
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from dataset import (
     IMAGE_SIZE,
     MIN_SLICE_AREA,
     SPLITS,
+    VOLUME_SPACING_MM,
     DatasetError,
     case_id,
     find_split_dirs,
@@ -20,6 +24,7 @@ from dataset import (
 )
 
 SHAPE = (40, 48, 30)  # (X, Y, Z) in RAS order
+BRAIN_MM = (80.0, 100.0, 60.0)  # diameters of `ellipsoid`'s brain: left-right, front-back, up-down
 
 
 def brain(seed=0, shape=SHAPE):
@@ -32,9 +37,30 @@ def brain(seed=0, shape=SHAPE):
     return (inside * rng.integers(200, 1000, shape)).astype(np.int16)
 
 
-def stored_as(volume, codes, shift=(0.0, 0.0, 0.0)):
-    """`volume` (RAS) laid out on disk with axes `codes` (e.g. "LPS"), and the affine saying so."""
-    affine = np.eye(4)
+def ellipsoid(size_mm, voxel_mm, margin_mm=6.0):
+    """int16 RAS volume of `voxel_mm` voxels: a uniform ellipsoid "brain" with diameters
+    `size_mm`, centred in a field of view `margin_mm` wider on each side, on exact 0."""
+    shape = np.ceil((np.add(size_mm, 2 * margin_mm)) / voxel_mm).astype(int)
+    squares = [
+        ((np.arange(n) - (n - 1) / 2) * mm / (size / 2)) ** 2
+        for n, mm, size in zip(shape, voxel_mm, size_mm, strict=True)
+    ]
+    inside = squares[0][:, None, None] + squares[1][None, :, None] + squares[2] <= 1
+    return (inside * 800).astype(np.int16)
+
+
+def brain_extent(slices):
+    """Columns (left-right) and rows (front-back) of the largest slice's brain, and the
+    number of slices; brain pixels are those above half the brain's 255."""
+    inside = slices.images.numpy() > 127  # edges blurred by interpolation: half-way counts
+    largest = inside[inside.sum((1, 2)).argmax()]
+    return largest.any(0).sum(), largest.any(1).sum(), len(inside)
+
+
+def stored_as(volume, codes, shift=(0.0, 0.0, 0.0), voxel_mm=(1.0, 1.0, 1.0)):
+    """`volume` (RAS) of `voxel_mm` voxels laid out on disk with axes `codes` (e.g. "LPS"),
+    and the affine saying so."""
+    affine = np.diag([*voxel_mm, 1.0])
     affine[:3, 3] = shift
     transform = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(codes))
     stored = apply_orientation(volume, transform)
@@ -242,6 +268,78 @@ def test_4d_volume_with_a_trailing_singleton_works(tmp_path):
     save(tmp_path / "analyze4d" / "vol.hdr", as_analyze(volume)[..., None])
     assert torch.equal(load_split(tmp_path / "nifti4d").images, reference.images)
     assert torch.equal(load_split(tmp_path / "analyze4d").images, reference.images)
+
+
+# ---------------------------------------------------------------- voxel size
+
+
+def save_ellipsoid(folder, voxel_mm, codes="RAS", size_mm=BRAIN_MM):
+    """A split folder holding one `ellipsoid` stored with `voxel_mm` voxels and axes `codes`."""
+    data, affine = stored_as(ellipsoid(size_mm, voxel_mm), codes, voxel_mm=voxel_mm)
+    save(folder / "vol.nii", data, affine)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "voxel_mm, codes",
+    [((0.5, 0.5, 0.5), "RAS"), ((1, 1, 1), "LPI"), ((2, 2, 2), "LAS"), ((0.9, 0.9, 1.2), "ASR")],
+)
+def test_slices_show_the_brain_at_1_mm_per_pixel_whatever_the_voxel_size(tmp_path, voxel_mm, codes):
+    assert VOLUME_SPACING_MM == 1.0
+    columns, rows, n_slices = brain_extent(load_split(save_ellipsoid(tmp_path, voxel_mm, codes)))
+    assert columns == pytest.approx(BRAIN_MM[0], abs=2)
+    assert rows == pytest.approx(BRAIN_MM[1], abs=2)
+    # End slices with under MIN_SLICE_AREA of the largest brain area are dropped, and the
+    # level that finds the brain lies up to 0.9 voxel beyond a linearly blurred edge.
+    assert -2 <= n_slices - BRAIN_MM[2] * np.sqrt(1 - MIN_SLICE_AREA) <= 2 + 2 * voxel_mm[2]
+
+
+def test_spacing_0_keeps_the_files_grid(tmp_path):
+    folder = save_ellipsoid(tmp_path, (0.5, 0.5, 0.5))
+    columns, rows, n_slices = brain_extent(load_split(folder, spacing=0))
+    assert (columns, rows) == pytest.approx((2 * BRAIN_MM[0], 2 * BRAIN_MM[1]), abs=2)
+    assert n_slices == pytest.approx(2 * BRAIN_MM[2] * np.sqrt(1 - MIN_SLICE_AREA), abs=2)
+    with pytest.raises(ValueError, match="spacing"):
+        load_split(folder, spacing=-1)
+
+
+def test_1_mm_volumes_are_not_resampled(tmp_path):
+    volume = brain(seed=10)
+    save(tmp_path / "analyze" / "vol.hdr", as_analyze(volume)[..., None])  # like OASIS-1's
+    data, affine = stored_as(volume, "LPI", voxel_mm=(1.0004, 0.9996, 1.0))  # float rounding
+    save(tmp_path / "nifti" / "vol.nii", data, affine)
+    for folder in ("analyze", "nifti"):
+        default, kept = load_split(tmp_path / folder), load_split(tmp_path / folder, spacing=0)
+        assert default.names == kept.names
+        assert torch.equal(default.images, kept.images)
+
+
+def test_spacing_reaches_volume_roots_and_split_folders(tmp_path, volume_root, volume_splits):
+    coarse = load_splits(volume_root, splits=("test",), spacing=2.0)["test"]
+    assert len(coarse) == pytest.approx(len(volume_splits["test"]) / 2, abs=1)
+    for i, split in enumerate(("train", "val", "test")):
+        save(tmp_path / split / f"scan{i}.nii", brain(seed=i))
+    fine, coarse = load_splits(tmp_path), load_splits(tmp_path, spacing=2.0)
+    for split in SPLITS:
+        assert len(coarse[split]) == pytest.approx(len(fine[split]) / 2, abs=1)
+
+
+def test_a_brain_wider_than_the_frame_warns_once_with_the_cut_and_the_fix(tmp_path):
+    folder = save_ellipsoid(tmp_path, (2, 2, 2), size_mm=(280.0, 100.0, 20.0))
+    with pytest.warns(UserWarning, match="cut off") as caught:
+        images = load_split(folder).images
+    (message,) = [str(w.message) for w in caught if "cut off" in str(w.message)]
+    assert "vol.nii" in message and "anterior-posterior" not in message
+    cut = float(re.search(r"so (\S+) mm left-right", message)[1])
+    assert cut == pytest.approx(280 - IMAGE_SIZE, abs=3)
+    assert (images[:, :, [0, -1]] > 0).any()  # the brain reaches the frame's sides
+    spacing = float(re.search(r"--spacing (\S+) ", message)[1])
+    assert spacing * IMAGE_SIZE >= 280
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        columns, rows, _ = brain_extent(load_split(folder, spacing=spacing))
+    assert columns == pytest.approx(280 / spacing, abs=2)
+    assert rows == pytest.approx(100 / spacing, abs=2)
 
 
 # ---------------------------------------------------------------- errors
