@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
 
 import dataset
+import sampling
+from distributed import choose_device
 from modules import VQVAE, PixelCNN, PriorConfig
+from slices import IMAGE_SIZE
 
-# Spawned children re-import this file, so its top imports only what sampling needs; train.py
-# (matplotlib) and metrics.py (scikit-image) are imported where they are used.
+# Spawned children re-import this file, so its top imports only what sampling needs; the
+# training stages (matplotlib) and metrics.py (scikit-image) are imported where they are used.
 
 BATCHES = (1, 16, 64)
 GRID = 32  # the VQ-VAE's 32×32 index grid
@@ -74,7 +74,7 @@ def idle() -> dict:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return choose_device("auto")
 
 
 def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
@@ -116,7 +116,7 @@ def time_sampler(cfg: PriorConfig, method: str, batch: int, seed: int, generate:
 
     def sample(grid: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device()).manual_seed(seed)
-        return model.sample(grid.to(device()), 1.0, generator, method=method).cpu()
+        return sampling.sample(model, grid.to(device()), 1.0, generator, method=method).cpu()
 
     sample(torch.full((batch, 2, 2), -1))  # warm-up: kernels, allocator
     result: dict[str, Any] = {}
@@ -173,58 +173,6 @@ def bench_sampling(cfg: PriorConfig, batch: int, seed: int, quick: bool) -> dict
 
 
 # ------------------------------------------------------------------ seed-style VQ-VAE baseline
-class PngSlices(torch.utils.data.Dataset):
-    """The seed's data path: each slice decoded from its PNG file whenever it is asked for."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as image:
-            pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255
-        return torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W) in [0, 1]
-
-
-def _conv_bn_relu(c_in: int, c_out: int, transposed: bool = False) -> list[nn.Module]:
-    conv = nn.ConvTranspose2d if transposed else nn.Conv2d
-    return [conv(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-
-class SeedStyleVQVAE(nn.Module):
-    """The seed report's VQ-VAE: 1→16→32→D stride-2 convolutions with BatchNorm + ReLU, a
-    gradient-trained codebook searched by torch.cdist, and a mirrored transposed decoder
-    that ends in BatchNorm. Images in [0, 1]; (B, 1, 256, 256) → (B, D, 32, 32)."""
-
-    def __init__(self, dim: int = 32, n_codes: int = 256, beta: float = 0.25) -> None:
-        super().__init__()
-        self.beta = beta
-        self.encoder = nn.Sequential(*_conv_bn_relu(1, 16), *_conv_bn_relu(16, 32),
-                                     *_conv_bn_relu(32, dim))
-        self.codebook = nn.Embedding(n_codes, dim)
-        nn.init.uniform_(self.codebook.weight, -1 / n_codes, 1 / n_codes)
-        self.decoder = nn.Sequential(*_conv_bn_relu(dim, 32, True), *_conv_bn_relu(32, 16, True),
-                                     nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1),
-                                     nn.BatchNorm2d(1))
-
-    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, H, W) → straight-through quantised latents and the VQ loss."""
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        codebook = self.codebook.weight.unsqueeze(0).repeat(b, 1, 1)  # (B, K, D), as the seed
-        chosen = self.codebook(torch.cdist(flat, codebook).argmin(-1))  # (B, H·W, D)
-        chosen = chosen.view(b, h, w, d).permute(0, 3, 1, 2)
-        loss = F.mse_loss(chosen, z.detach()) + self.beta * F.mse_loss(z, chosen.detach())
-        return z + (chosen - z).detach(), loss
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction (B, 1, H, W) and VQ loss."""
-        quantised, vq_loss = self.quantise(self.encoder(x))
-        return self.decoder(quantised), vq_loss
-
-
 # -------------------------------------------------------------------------- VQ-VAE training
 def training_files(root: Path, n_train: int | None, seed: int) -> tuple[list[Path], list[int]]:
     """The train split's files in the loader's order, and the (sorted) indices to train on."""
@@ -249,40 +197,33 @@ def validation_ssim(reconstruct: Callable[[torch.Tensor], torch.Tensor],
 
 
 def train_project(root: Path, n_train: int | None, epochs: int, seed: int) -> dict:
-    """This project's demo VQ-VAE trained by train.py's own stage and loop (engine.fit)."""
+    """This project's demo VQ-VAE trained by train.py's own stage and loop (stages, engine)."""
     import engine
-    import train
+    import stages
+    from config import PROFILES
+    from inference import to_model_input
 
     started = time.perf_counter()
     files, chosen = training_files(root, n_train, seed)
     images = dataset.load_split(files[0].parent).images[chosen]  # uint8 (N, 256, 256)
     val_images = dataset.load_split(dataset.find_split_dirs(root)["validate"]).images
     load_s = time.perf_counter() - started
-    profile = train.PROFILES["demo"]
-    cfg, settings = profile["vqvae"], replace(profile["vqvae_stage"], epochs=epochs)
+    cfg, settings = PROFILES["demo"].vqvae, replace(PROFILES["demo"].vqvae_stage, epochs=epochs)
     norm = dataset.compute_normalisation(images)
-    train.seed_everything(seed)
+    stages.seed_everything(seed)
     dev = device()
     model = VQVAE(cfg).to(dev).to(memory_format=torch.channels_last)
-
-    def step(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        # as in train.train_vqvae: random crops of the in-memory uint8 slices
-        crops = train.random_crops(images[batch % len(images)], settings.crop, generator)
-        with train.autocast(dev):
-            return train.vqvae_losses(model, train.to_model_input(crops, norm, dev),
-                                      settings, norm)
-
-    n_samples = len(images) * settings.crops_per_image
-    stage = train.make_stage(
-        "vqvae", model, settings, n_samples, argparse.Namespace(seed=seed, checkpoint_every=0),
-        dev, step=step, monitor="none", evaluate=lambda: {"none": 0.0},
-        checkpoint_extra=dict, after_epoch=lambda *_: None)
     with tempfile.TemporaryDirectory() as scratch:
+        stage = stages.vqvae_stage(
+            model, settings, images, norm, stages.RunOptions(Path(scratch), seed), dev,
+            monitor="none", evaluate=lambda: {"none": 0.0}, checkpoint_extra=dict,
+            after_epoch=lambda *_: None)
         engine.fit(stage, Path(scratch), resume=False)
     epoch_s = [row["seconds"] for row in stage.history]  # the training pass of each epoch
     model.eval()
     ssim = validation_ssim(lambda u8: norm.denormalise(
-        model(train.to_model_input(u8, norm, dev)).reconstruction), val_images)
+        model(to_model_input(u8, norm, dev)).reconstruction), val_images)
+    n_samples = len(images) * settings.crops_per_image
     return {"epoch_s": epoch_s, "n_train": len(images), "load_s": load_s,
             "crops_per_image": settings.crops_per_image, "crop": settings.crop,
             "batch_size": settings.batch_size, "val_ssim": ssim, "n_validate": len(val_images),
@@ -291,6 +232,8 @@ def train_project(root: Path, n_train: int | None, epochs: int, seed: int) -> di
 
 def train_seed_style(root: Path, n_train: int | None, epochs: int, seed: int) -> dict:
     """The seed-style VQ-VAE on the same PNG files: DataLoader decoding each item, Adam."""
+    from baselines import PngSlices, SeedStyleVQVAE, train_seed_style_epoch
+
     torch.manual_seed(seed)
     files, chosen = training_files(root, n_train, seed)
     loader = torch.utils.data.DataLoader(
@@ -302,14 +245,7 @@ def train_seed_style(root: Path, n_train: int | None, epochs: int, seed: int) ->
     epoch_s = []
     for _ in range(epochs):
         started = time.perf_counter()
-        model.train()
-        for x in loader:
-            x = x.to(dev)
-            reconstruction, vq_loss = model(x)
-            loss = F.mse_loss(reconstruction, x) + vq_loss
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        train_seed_style_epoch(model, loader, optimiser, dev)
         epoch_s.append(time.perf_counter() - started)
     model.eval()
     val_images = dataset.load_split(dataset.find_split_dirs(root)["validate"]).images
@@ -352,7 +288,7 @@ def bench_training(root: Path, quick: bool, epochs: int, seed: int) -> dict:
 
 def pixel_share(project: dict) -> float:
     """Pixels the project trains on per slice and epoch, as a share of the whole slice."""
-    return project["crops_per_image"] * project["crop"] ** 2 / dataset.IMAGE_SIZE ** 2
+    return project["crops_per_image"] * project["crop"] ** 2 / IMAGE_SIZE ** 2
 
 
 # ---------------------------------------------------------------------------------- report
@@ -476,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render_markdown(json.loads(Path(args.markdown).read_text())), end="")
         return 0
-    import train
+    from config import PROFILES
+    from demo_data import build_demo_dataset, demo_root
 
     started = time.perf_counter()
     if args.threads:
@@ -484,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(torch.get_num_threads()), "quick": args.quick}
     idle_rss = in_fresh_process(idle)["peak_rss_mb"]
     if args.part in ("all", "sampling"):
-        cfg = train.PROFILES["demo"]["prior"]
+        cfg = PROFILES["demo"].prior
         rows = []
         for batch in args.batches:
             rows.append(bench_sampling(cfg, batch, args.seed, args.quick))
@@ -493,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                                "naive_extrapolated": args.quick, "idle_rss_mb": idle_rss,
                                "note": sampling_note(args.quick, cfg, idle_rss), "rows": rows}
     if args.part in ("all", "training"):
-        root = dataset.build_demo_dataset(dataset.demo_root())
+        root = build_demo_dataset(demo_root())
         epochs = args.epochs or (1 if args.quick else 2)
         results["training"] = bench_training(root, args.quick, epochs, args.seed)
     results["targets"] = {**TARGETS, "met": targets_met(results)}

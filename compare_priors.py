@@ -18,22 +18,17 @@ import torch
 
 import engine
 from baselines import SeedStylePixelCNN
+from checkpoints import checkpoint_path, load_indices, load_prior
+from config import StageSettings
+from distributed import DEVICES, choose_device
+from inference import autocast, evaluate_prior
 from io_utils import RunError, load_checkpoint, write_json
 from modules import PixelCNN
-from train import (
-    StageSettings,
-    autocast,
-    evaluate_prior,
-    load_prior,
-    make_stage,
-    pick_device,
-    seed_everything,
-    stage_checkpoint,
-)
+from stages import RunOptions, make_stage, seed_everything
 
 
-def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettings,
-                args: argparse.Namespace, device: torch.device) -> tuple[PixelCNN, float]:
+def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettings, seed: int,
+                device: torch.device) -> tuple[PixelCNN, float]:
     """Train a comparison prior with train.py's loop and settings; returns its
     best-validation weights and the seconds taken."""
     model = model.to(device)
@@ -50,25 +45,26 @@ def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettin
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         stage = make_stage(
-            name, model, settings, len(grids), args, device, step=step,
+            name, model, settings, len(grids), RunOptions(Path(scratch), seed), device, step=step,
             monitor="val_bits_per_index", after_epoch=report, checkpoint_extra=dict,
             evaluate=lambda: {"val_bits_per_index": evaluate_prior(
                 model, indices["validate"], device, settings.batch_size)})
         engine.fit(stage, Path(scratch), resume=False)
-        model.load_state_dict(load_checkpoint(Path(scratch) / f"{name}_best.pt")["model"])
+        model.load_state_dict(load_checkpoint(checkpoint_path(Path(scratch), name, "best"))
+                              ["model"])
     return model, time.time() - started
 
 
 def compare(run: Path, args: argparse.Namespace) -> dict:
-    device = pick_device()
-    indices = load_checkpoint(run / "indices.pt")
-    state = load_checkpoint(stage_checkpoint(run, "prior", "best"))
+    device = choose_device(args.device)
+    indices = load_indices(run)
+    state = load_checkpoint(checkpoint_path(run, "prior", "best"))
     stage = StageSettings(**state["stage_settings"])
-    ours = load_prior(stage_checkpoint(run, "prior", "best"), device)
+    ours = load_prior(checkpoint_path(run, "prior", "best"), device)
     seed_everything(args.seed)
     baseline, seconds = train_alone("seed_style_prior",
                                     SeedStylePixelCNN(indices["n_codes"], ours.cfg.channels),
-                                    indices, stage, args, device)
+                                    indices, stage, args.seed, device)
     result = {
         "epochs": stage.epochs,
         "test_bits_per_index_ours": evaluate_prior(ours, indices["test"], device,
@@ -84,7 +80,7 @@ def compare(run: Path, args: argparse.Namespace) -> dict:
     if stage.embed_from_codebook and not args.no_ablation:
         seed_everything(args.seed)
         plain, _ = train_alone("prior_random_embedding", PixelCNN(ours.cfg), indices, stage,
-                               args, device)
+                               args.seed, device)
         result["test_bits_per_index_ours_random_embedding"] = evaluate_prior(
             plain, indices["test"], device, stage.batch_size)
     return result
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ablation", action="store_true",
                    help="skip training the run's prior without its codebook-started embedding")
-    p.set_defaults(checkpoint_every=0)
+    p.add_argument("--device", choices=DEVICES, default="auto")
     args = p.parse_args(argv)
     try:
         result = compare(args.run, args)

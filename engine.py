@@ -1,8 +1,7 @@
 """The training loop both stages share: deterministic batches, exact resume from any saved step,
-graceful stops on SIGINT/SIGTERM, NaN guards and data-parallel sharding (torchrun)."""
+graceful stops on SIGINT/SIGTERM, NaN guards, and data-parallel sums (torchrun)."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -14,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoints import checkpoint_path
+from distributed import all_reduce_sum, barrier, is_main, shard, unwrap, world
 from io_utils import RunError, load_checkpoint, save_checkpoint
 
 
@@ -27,64 +27,6 @@ class Interrupted(RuntimeError):
         super().__init__(f"stopped by {signal_name} {where}; checkpoint saved, continue with "
                          "--resume")
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
-
-
-# -------------------------------------------------------------------------------- distributed
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    return world()[0] == 0
-
-
-def init_distributed() -> torch.device:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); pick the device."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            check_one_gpu_per_process()
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def check_one_gpu_per_process() -> None:
-    """NCCL needs a GPU of its own for each process on a node: refuse more processes than GPUs
-    with one line that says what to pass, before any rank touches a card."""
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    gpus = torch.cuda.device_count()
-    if processes > gpus:
-        raise RunError(f"torchrun started {processes} processes on this node but it has {gpus} "
-                       f"GPU(s): pass --nproc_per_node={gpus}, or CUDA_VISIBLE_DEVICES= to train "
-                       "on the CPU (gloo)")
-
-
-def shard(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous part of a global batch (the whole batch on one process)."""
-    rank, size = world()
-    return batch.tensor_split(size)[rank] if size > 1 else batch
-
-
-def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    rank, size = world()
-    if size == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------ RNG state
@@ -234,35 +176,31 @@ def _optimise(stage: Stage, loss: torch.Tensor, where: str) -> None:
     stage.scheduler.step()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _save(stage: Stage, run: Path, position: dict[str, Any], sums: dict[str, float],
           generator: torch.Generator | None, is_best: bool) -> None:
     """Write run/{name}_last.pt (and _best.pt); only rank 0 writes."""
     if not is_main():
         return
-    state = {"model": _unwrap(stage.model).state_dict(),
+    state = {"model": unwrap(stage.model).state_dict(),
              "optimiser": stage.optimiser.state_dict(),
              "scheduler": stage.scheduler.state_dict(),
              "epoch": position["epoch"], "step_in_epoch": position["step"],
              "partial_sums": sums,
              "epoch_generator": generator.get_state() if generator is not None else None,
              "history": stage.history, "rng": rng_state(), **stage.checkpoint_extra()}
-    save_checkpoint(state, run / f"{stage.name}_last.pt")
+    save_checkpoint(state, checkpoint_path(run, stage.name, "last"))
     if is_best:
-        save_checkpoint(state, run / f"{stage.name}_best.pt")
+        save_checkpoint(state, checkpoint_path(run, stage.name, "best"))
 
 
 def _resume(stage: Stage, run: Path) -> dict[str, Any]:
     """Load run/{name}_last.pt into the stage; returns the position to continue from."""
-    path = run / f"{stage.name}_last.pt"
+    path = checkpoint_path(run, stage.name, "last")
     if not path.exists():
         return {"epoch": 0, "step": 0}
     state = load_checkpoint(path)
     try:
-        _unwrap(stage.model).load_state_dict(state["model"])
+        unwrap(stage.model).load_state_dict(state["model"])
         stage.optimiser.load_state_dict(state["optimiser"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise RunError(f"{path} does not fit this configuration ({str(err).splitlines()[0]}); "

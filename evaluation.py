@@ -7,15 +7,15 @@ import itertools
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt, uniform_filter
 
-import dataset
-from io_utils import load_checkpoint
+from checkpoints import load_indices
+from inference import Run, evaluate_prior
+from masks import apply_mask, given_after_holes, pixels_to_sites, sites_to_pixels
 from metrics import (
     batch_scores,
     brain_mask,
@@ -24,10 +24,7 @@ from metrics import (
     mean_scores,
     ssim,
 )
-from train import evaluate_prior
-
-if TYPE_CHECKING:
-    from predict import Run
+from slices import SliceSet, slice_index
 
 MEMORISED_SSIM = 0.98  # samples this close to training images on average are taken for copies
 NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
@@ -48,34 +45,8 @@ def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
     return torch.linspace(0, n_total - 1, min(n, n_total)).round().long().unique()
 
 
-def apply_mask(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) indices with the (H, W) bool mask's sites set to −1 (to be filled in)."""
-    masked = indices.clone()
-    masked[:, mask] = -1
-    return masked
-
-
-def given_after_holes(holes: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) bool holes → (B, H, W) bool: the given sites that come after a hole of their
-    grid in raster order, the context a raster-order sampler never sees."""
-    flat = holes.flatten(1)
-    return ((flat.cumsum(1) > 0) & ~flat).view_as(holes)
-
-
-def sites_to_pixels(mask: torch.Tensor, image_size: int) -> np.ndarray:
-    """(grid, grid) site mask → (image_size, image_size) mask of the sites' patches."""
-    patch = image_size // mask.shape[-1]
-    return mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
-
-
-def pixels_to_sites(mask: np.ndarray, grid: int) -> np.ndarray:
-    """(S, S) pixel mask → (grid, grid): the sites whose patch holds any marked pixel."""
-    patch = mask.shape[-1] // grid
-    return mask.reshape(grid, patch, grid, patch).any(axis=(1, 3))
-
-
 # ------------------------------------------------------------------- reconstructions
-def reconstruction_metrics(run: Run, test: dataset.SliceSet, indices: torch.Tensor,
+def reconstruction_metrics(run: Run, test: SliceSet, indices: torch.Tensor,
                            reconstructions: np.ndarray) -> dict:
     """Test-split scores of the VQ-VAE and the prior, and the scores per slice position."""
     references = run.to_unit(test.images)
@@ -106,7 +77,7 @@ def per_slice_position(names: list[str], rows: list[dict[str, float]]) -> dict[s
     the index as a string and in its order; empty if no name carries a slice index."""
     groups: dict[int, list[dict[str, float]]] = defaultdict(list)
     for name, row in zip(names, rows, strict=True):
-        position = dataset.slice_index(name)
+        position = slice_index(name)
         if position is not None:
             groups[position].append(row)
     return {str(p): {**mean_scores(groups[p]), "n_images": len(groups[p])}
@@ -144,7 +115,7 @@ def sample_metrics(run: Run, n: int, temperature: float, seed: int,
 
 def training_reconstructions(run: Run) -> np.ndarray:
     """uint8 (N, H, W) decodings of the training split's index grids, the prior's data."""
-    grids = load_checkpoint(run.path / "indices.pt")["train"].long()
+    grids = load_indices(run.path)["train"].long()
     return np.concatenate([to_uint8(run.decode(chunk)) for chunk in grids.split(256)])
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from distributed import all_reduce_tensor, broadcast, gather_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,13 +56,13 @@ class VectorQuantiser(nn.Module):
     All distance and update maths run in fp32, also under autocast.
     """
 
-    def __init__(self, n_codes: int, dim: int, beta: float = 0.25, ema: bool = True,
-                 decay: float = 0.99, dead_code_steps: int = 50, eps: float = 1e-5) -> None:
+    def __init__(self, cfg: VQVAEConfig, eps: float = 1e-5) -> None:
         super().__init__()
-        self.n_codes, self.dim, self.beta = n_codes, dim, beta
-        self.ema, self.decay, self.dead_code_steps, self.eps = ema, decay, dead_code_steps, eps
+        n_codes, dim = cfg.n_codes, cfg.embedding_dim
+        self.n_codes, self.dim, self.beta, self.ema = n_codes, dim, cfg.beta, cfg.ema
+        self.decay, self.dead_code_steps, self.eps = cfg.ema_decay, cfg.dead_code_steps, eps
         codebook = torch.randn(n_codes, dim) / math.sqrt(dim)
-        if ema:
+        if self.ema:
             self.register_buffer("codebook", codebook)
             self.register_buffer("ema_count", torch.ones(n_codes))
             self.register_buffer("ema_sum", codebook.clone())
@@ -105,8 +106,8 @@ class VectorQuantiser(nn.Module):
     def _initialise_from(self, flat: torch.Tensor) -> None:
         if bool(self.initialised):
             return
-        flat = _gather_rows(flat)  # the global batch, so data-parallel runs match one process
-        self.codebook.data.copy_(_broadcast(_random_rows(flat, self.n_codes)))
+        flat = gather_rows(flat)  # the global batch, so data-parallel runs match one process
+        self.codebook.data.copy_(broadcast(_random_rows(flat, self.n_codes)))
         if self.ema:
             self.ema_sum.copy_(self.codebook)
             self.ema_count.fill_(1.0)
@@ -116,7 +117,7 @@ class VectorQuantiser(nn.Module):
     def _update_codebook(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         one_hot = F.one_hot(indices, self.n_codes).type_as(flat)  # (N, K)
         counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
-        counts, sums = _all_reduce_sum(counts), _all_reduce_sum(sums)
+        counts, sums = all_reduce_tensor(counts), all_reduce_tensor(sums)
         if self.ema:
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -136,10 +137,10 @@ class VectorQuantiser(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        flat, indices = _gather_rows(flat), _gather_rows(indices)  # every rank has dead codes
+        flat, indices = gather_rows(flat), gather_rows(indices)  # every rank has dead codes
         error = (flat - self.codebook[indices]).pow(2).sum(1) + 1e-12
         picks = torch.multinomial(error, n_dead, replacement=error.numel() < n_dead)
-        fresh = _broadcast(flat[picks])
+        fresh = broadcast(flat[picks])
         self.codebook.data[dead] = fresh
         if self.ema:
             self.ema_sum[dead] = fresh
@@ -163,37 +164,6 @@ def _random_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
         scale = flat.std().clamp(min=1e-3) * 0.01
         chosen = torch.cat([chosen, extra + torch.randn_like(extra) * scale])
     return chosen
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def _gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows concatenated in rank order: the global batch under torchrun."""
-    if not _distributed():
-        return t
-    size = torch.tensor([len(t)], device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes))
-    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - len(t))).contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank, so replicas keep identical codebooks."""
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
 
 
 class ChannelNorm(nn.Module):
@@ -281,9 +251,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg or VQVAEConfig()
         self.encoder = Encoder(self.cfg)
-        self.quantiser = VectorQuantiser(
-            self.cfg.n_codes, self.cfg.embedding_dim, self.cfg.beta, self.cfg.ema,
-            self.cfg.ema_decay, self.cfg.dead_code_steps)
+        self.quantiser = VectorQuantiser(self.cfg)
         self.decoder = Decoder(self.cfg)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
@@ -330,7 +298,7 @@ class PriorConfig:
             raise ValueError(f"kernel_size must be odd and ≥ 3, got {self.kernel_size}")
 
 
-def _gate(x: torch.Tensor) -> torch.Tensor:
+def gate(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
 
@@ -375,7 +343,7 @@ class GatedLayer(nn.Module):
         """`bias`: this layer's position biases for the vertical and horizontal stacks."""
         v_pre = self.vertical(F.pad(v, (self.reach, self.reach, self.reach, 0))) + bias[0]
         h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
-        return _gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
+        return gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
 
     def position_bias(self, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, H, W) position embedding → (1, 2C, H, W) biases for the two stacks."""
@@ -391,7 +359,7 @@ class GatedLayer(nn.Module):
     def horizontal(self, h_pre: torch.Tensor, v_pre_above: torch.Tensor,
                    h: torch.Tensor) -> torch.Tensor:
         """New horizontal stack from its own conv, the vertical stack one row up and the input."""
-        h_new = self.h_out(_gate(h_pre + self.v_to_h(v_pre_above)))
+        h_new = self.h_out(gate(h_pre + self.v_to_h(v_pre_above)))
         return h_new if self.first else h + h_new
 
 
@@ -445,170 +413,13 @@ class PixelCNN(nn.Module):
 
     def bits_per_index(self, indices: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood in bits per index (the training loss)."""
-        return F.cross_entropy(self(indices), indices) / math.log(2)
-
-    @torch.no_grad()
-    def sample(self, indices: torch.Tensor, temperature: float = 1.0,
-               generator: torch.Generator | None = None, method: str = "fast") -> torch.Tensor:
-        """Fill every −1 in `indices` (B, H, W) by ancestral sampling in raster order.
-
-        Entries that are not −1 are kept as given (full generation: all −1; inpainting: some).
-        `method="fast"` caches every layer's states and computes each site once;
-        `method="naive"` is the reference: one forward pass per generated site. With the same
-        generator state both return the same grids.
-        """
-        out = _check_sample_input(indices, self.cfg.n_codes)
-        if method == "naive":
-            return self._sample_naive(out, temperature, generator)
-        if method == "fast":
-            return self._sample_cached(out, temperature, generator)[0]
-        raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
-
-    def _sample_naive(self, out: torch.Tensor, temperature: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        for r, c in _sites_to_fill(out):
-            logits = self(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # rows > r cannot matter
-            _fill_site(out, r, c, logits, temperature, generator)
-        return out
-
-    def _sample_cached(self, out: torch.Tensor, temperature: float,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached ancestral sampling. Returns the grid and the logits (B, K, H, W) used at the
-        sampled sites (NaN elsewhere), for checking against a full forward pass."""
-        b, height, width = out.shape
-        logits_used = torch.full((b, self.cfg.n_codes, height, width), float("nan"),
-                                 device=out.device)
-        columns: dict[int, set[int]] = {}  # row → columns to fill
-        for r, c in _sites_to_fill(out):
-            columns.setdefault(r, set()).add(c)
-        if not columns:
-            return out, logits_used
-        first_row, last_row = min(columns), max(columns)
-        # `out` and `logits_used` are made outside: inference tensors could not enter autograd.
-        with torch.inference_mode():
-            cache = _SamplingCache(self, out, first_row)
-            for r in range(first_row, last_row + 1):
-                if r in columns:  # a row with nothing to fill needs only its vertical stack
-                    cache.start_row(r)
-                    for c in range(max(columns[r]) + 1):
-                        h = cache.advance(c)
-                        if c in columns[r]:
-                            logits = cache.logits(h)
-                            logits_used[:, :, r, c] = logits
-                            _fill_site(out, r, c, logits, temperature, generator)
-                            cache.set_site(c, out[:, r, c])
-                if r < last_row:
-                    cache.finish_row(r)
-        return out, logits_used
+        return bits(self(indices), indices, reduction="mean")
 
 
-class _SamplingCache:
-    """Exact incremental state of a PixelCNN while its grid (B, H, W) is filled in raster order.
-
-    The vertical stack at a row sees only that row and rows above, so each layer keeps its
-    zero-padded input (B, C, pad + H, pad + W + pad) and recomputes a row with its own
-    convolution once the row is final. The horizontal stack feeds nothing but later sites of
-    its own row, so each layer keeps one row of input, (pad + W, B, C), in which a site's (B, C)
-    block is contiguous. A site then costs a few small matmuls on weights rearranged once;
-    what the vertical stack above and the biases add at each site comes as one (W, B, 2C)
-    term per layer and row, and the views a site reads and writes are made once per column.
-    """
-
-    def __init__(self, model: PixelCNN, grid: torch.Tensor, first_row: int) -> None:
-        """`grid` is filled in place by the caller; rows above `first_row` must be final."""
-        self.grid, self.layers = grid, list(model.layers)
-        self.embedding = model.embedding.weight  # (K, C)
-        b, height, width = grid.shape
-        c = model.cfg.channels
-        zeros = self.embedding.new_zeros
-        self.v_in = [zeros(b, c, layer.reach + height, width + 2 * layer.reach)
-                     for layer in self.layers]
-        self.v_above = [zeros(b, 2 * c, 1, width) for _ in self.layers]  # last final row's v_pre
-        self.rows = [zeros(layer.h_pad + width, b, c) for layer in self.layers]
-        self.row_terms = [zeros(width, b, 2 * c) for _ in self.layers]
-        self.pre = [zeros(b, 2 * c) for _ in self.layers]  # a site's pre-activations, reused
-        self.output = zeros(width, b, c)  # the last layer's horizontal stack along the row
-        self.v_bias, self.h_bias = [], []  # (1, 2C, H, W); (H, W, 1, 2C) with both conv biases
-        for layer, (bias_v, bias_h) in zip(self.layers, model.position_biases(height, width),
-                                           strict=True):
-            self.v_bias.append(bias_v.expand(1, -1, height, width))
-            constant = (layer.h_conv.bias + layer.v_to_h.bias).view(1, -1, 1, 1)
-            self.h_bias.append((bias_h + constant).expand(1, -1, height, width)
-                               .permute(2, 3, 0, 1))
-        self.v_to_h = [self._matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
-        hidden, last = model.head[1], model.head[3]
-        self.head_weights = (self._matrix(hidden), hidden.bias, self._matrix(last), last.bias)
-        self.steps = [self._site_plan(col) for col in range(width)]
-        if first_row > 0:
-            self._update_vertical(0, first_row)
-
-    def _site_plan(self, col: int) -> list[tuple]:
-        """Per layer, the views and weights that computing column `col` reads and writes."""
-        plan = []
-        for i, layer in enumerate(self.layers):
-            row, d, pre = self.rows[i], layer.dilation, self.pre[i]
-            weight = layer.h_conv.weight[:, :, 0]  # (2C, C, taps)
-            taps = [(row[col + j * d], weight[:, :, j].t()) for j in range(weight.shape[-1])]
-            site = None if layer.first else row[col + layer.h_pad]  # the residual input
-            nxt = self.rows[i + 1][col + self.layers[i + 1].h_pad] \
-                if i + 1 < len(self.layers) else self.output[col]
-            plan.append((taps, self.row_terms[i][col], pre, *pre.chunk(2, dim=1), site,
-                         self._matrix(layer.h_out), layer.h_out.bias, nxt))
-        return plan
-
-    def start_row(self, r: int) -> None:
-        """Load row r's given codes into the first layer and each layer's per-site term."""
-        first = self.layers[0]
-        embedded = F.embedding(self.grid[:, r].clamp(min=0), self.embedding)  # (B, W, C)
-        self.rows[0][first.h_pad:] = embedded.transpose(0, 1)
-        for i in range(len(self.layers)):
-            above = self.v_above[i][:, :, 0].permute(2, 0, 1)  # (W, B, 2C)
-            torch.add(above @ self.v_to_h[i], self.h_bias[i][r], out=self.row_terms[i])
-
-    def advance(self, col: int) -> torch.Tensor:
-        """Every layer's horizontal stack at column `col`; returns the last layer's (B, C)."""
-        for taps, term, pre, a, b, site, w_out, b_out, nxt in self.steps[col]:
-            (x, w), *rest = taps
-            torch.addmm(term, x, w, out=pre)  # (B, 2C), whose halves are the views a and b
-            for x, w in rest:
-                pre.addmm_(x, w)
-            gated = torch.tanh(a).mul_(torch.sigmoid(b))
-            if site is None:
-                torch.addmm(b_out, gated, w_out, out=nxt)
-            else:
-                torch.add(site, torch.addmm(b_out, gated, w_out), out=nxt)
-        return nxt
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, C) last horizontal stack → (B, K) logits: the model's head as two matmuls."""
-        w1, b1, w2, b2 = self.head_weights
-        return torch.addmm(b2, torch.addmm(b1, torch.relu(h), w1).relu_(), w2)
-
-    def set_site(self, col: int, indices: torch.Tensor) -> None:
-        """Feed the chosen (B,) codes at `col` of the current row to the first layer."""
-        first = self.layers[0]
-        torch.index_select(self.embedding, 0, indices, out=self.rows[0][col + first.h_pad])
-
-    def finish_row(self, r: int) -> None:
-        """Recompute every layer's vertical stack at row r, which is now final."""
-        self._update_vertical(r, r + 1)
-
-    def _update_vertical(self, start: int, stop: int) -> None:
-        """Every layer's vertical stack at rows start..stop−1, all final."""
-        x = F.embedding(self.grid[:, start:stop], self.embedding).permute(0, 3, 1, 2)
-        width = x.shape[-1]
-        for i, layer in enumerate(self.layers):
-            pad = layer.reach
-            self.v_in[i][:, :, start + pad: stop + pad, pad: pad + width] = x
-            v_pre = (layer.vertical(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
-                     + self.v_bias[i][:, :, start: stop])
-            self.v_above[i] = v_pre[:, :, -1:]
-            x = _gate(v_pre)
-
-    @staticmethod
-    def _matrix(conv: nn.Conv2d) -> torch.Tensor:
-        """A 1×1 convolution's weight as the (C_in, C_out) matrix that right-multiplies rows."""
-        return conv.weight[:, :, 0, 0].t()
+def bits(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """(B, K, H, W) logits, (B, H, W) indices → −log₂ p(index) at every site, (B, H, W): the
+    prior's surprise; with reduction="mean", their mean: the prior's loss."""
+    return F.cross_entropy(logits, indices, reduction=reduction) / math.log(2)
 
 
 def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -622,35 +433,3 @@ def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:
     axes = axes * largest.sign()
     coords = centred @ axes[:n].t()
     return (coords / coords.std(0, keepdim=True).clamp(min=1e-8)).to(x.dtype)
-
-
-def _check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
-    if indices.dim() != 3:
-        raise ValueError(f"indices must be (B, H, W), got shape {tuple(indices.shape)}")
-    bad = (indices < -1) | (indices >= n_codes)
-    if bad.any():
-        raise ValueError(f"indices must be -1 (to generate) or in [0, {n_codes}), "
-                         f"found {indices[bad][0].item()}")
-    return indices.clone().long()
-
-
-def _sites_to_fill(indices: torch.Tensor) -> list[tuple[int, int]]:
-    """Raster-order sites where at least one batch item has −1."""
-    rows, cols = torch.nonzero((indices == -1).any(dim=0), as_tuple=True)
-    return list(zip(rows.tolist(), cols.tolist(), strict=True))
-
-
-def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperature: float,
-               generator: torch.Generator | None) -> None:
-    """Sample the site (r, c) for the batch items where it is −1, by inverse-CDF sampling.
-
-    One uniform per batch item is drawn whether or not it is used, so any two samplers that
-    visit sites in the same order consume the generator identically.
-    """
-    probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, K)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64,
-                   device=probs.device)
-    cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=probs.shape[1] - 1).squeeze(1)
-    missing = out[:, r, c] == -1
-    out[missing, r, c] = drawn[missing]

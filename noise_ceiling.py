@@ -11,26 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-import dataset
+from demo_data import demo_test_pairs
 from io_utils import write_json
 from metrics import image_scores, mean_scores
-
-
-def demo_test_pairs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The default demo set's test slices, uint8 (N, 256, 256), and their noise-free versions."""
-    first = dataset.DEMO_TRAIN_SUBJECTS + dataset.DEMO_VALIDATE_SUBJECTS + 1
-    template = dataset.load_template()
-    noisy, clean = [], []
-    with dataset.single_torch_thread():
-        for case in range(first, first + dataset.DEMO_TEST_SUBJECTS):
-            rng = np.random.default_rng([seed, case])
-            pair = dataset.demo_subject_with_clean(template, rng,
-                                                   dataset.DEMO_SLICES_PER_SUBJECT)
-            noisy.append(pair[0])
-            clean.append(pair[1])
-    return np.concatenate(noisy), np.concatenate(clean)
 
 
 def main(argv: list[str] | None = None) -> int:

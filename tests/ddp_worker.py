@@ -25,10 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402
-import train  # noqa: E402
+from config import StageSettings  # noqa: E402
 from dataset import Normalisation  # noqa: E402
+from distributed import barrier, data_parallel, init_distributed, is_main, shard, world  # noqa: E402
+from inference import to_model_input  # noqa: E402
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig  # noqa: E402
+from stages import prior_loss, vqvae_losses  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -54,9 +56,9 @@ def grids(seed: int = 1) -> torch.Tensor:
 
 def my_part(batch: torch.Tensor, broken: str) -> torch.Tensor:
     """This rank's part of the global batch; "same-shard" gives every rank rank 0's part."""
-    if broken == "same-shard" and engine.world()[1] > 1:
-        return batch.tensor_split(engine.world()[1])[0]
-    return engine.shard(batch)
+    if broken == "same-shard" and world()[1] > 1:
+        return batch.tensor_split(world()[1])[0]
+    return shard(batch)
 
 
 def forward_backward(model: torch.nn.Module, loss_of_batch: Callable[[], torch.Tensor],
@@ -88,19 +90,19 @@ def train_both_stages(device: torch.device, broken: str) -> dict[str, dict]:
     and final states."""
     torch.manual_seed(0)
     norm = Normalisation(mean=0.2, std=0.25)
-    settings = train.StageSettings(epochs=1, batch_size=GLOBAL_BATCH, lr=LR, ssim_weight=1.0)
+    settings = StageSettings(epochs=1, batch_size=GLOBAL_BATCH, lr=LR, ssim_weight=1.0)
     # dead_code_steps=1: codes unused in a step are re-seeded at once, so restarts happen too
     vqvae = VQVAE(VQVAEConfig(hidden=(4, 8, 8), n_res_blocks=1, embedding_dim=4, n_codes=16,
                               dead_code_steps=1))
-    wrapped = train.data_parallel(vqvae, device)
-    x = train.to_model_input(my_part(images(), broken), norm, device)
-    vqvae_grads = sgd_steps(wrapped, lambda: train.vqvae_losses(wrapped, x, settings,
+    wrapped = data_parallel(vqvae, device)
+    x = to_model_input(my_part(images(), broken), norm, device)
+    vqvae_grads = sgd_steps(wrapped, lambda: vqvae_losses(wrapped, x, settings,
                                                                 norm)["loss"], broken)
 
     prior = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2), grid_size=8))
-    wrapped_prior = train.data_parallel(prior, device)
+    wrapped_prior = data_parallel(prior, device)
     codes = my_part(grids(), broken).to(device)
-    prior_grads = sgd_steps(wrapped_prior, lambda: train._bits(wrapped_prior, codes), broken)
+    prior_grads = sgd_steps(wrapped_prior, lambda: prior_loss(wrapped_prior, codes), broken)
     return {"vqvae_grads": vqvae_grads, "vqvae_state": vqvae.state_dict(),
             "prior_grads": prior_grads, "prior_state": prior.state_dict()}
 
@@ -108,11 +110,11 @@ def train_both_stages(device: torch.device, broken: str) -> dict[str, dict]:
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_default_dtype(torch.float64)
-    device = engine.init_distributed()
+    device = init_distributed()
     results = {broken: train_both_stages(device, broken) for broken in BROKEN}
-    if engine.is_main():
-        torch.save({"world_size": engine.world()[1], **results}, out)
-    engine.barrier()
+    if is_main():
+        torch.save({"world_size": world()[1], **results}, out)
+    barrier()
 
 
 if __name__ == "__main__":

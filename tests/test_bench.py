@@ -1,6 +1,7 @@
 import torch
 
-from bench import SeedStyleVQVAE, extrapolate_naive, render_markdown
+from baselines import SeedStyleVQVAE
+from bench import extrapolate_naive, render_markdown
 
 
 def test_seed_style_baseline_trains_on_a_tiny_batch():

@@ -1,25 +1,16 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dataset import (
-    IMAGE_SIZE,
-    DatasetError,
     Normalisation,
-    build_demo_dataset,
-    case_id,
-    centre_fit,
     compute_normalisation,
-    demo_subject_with_clean,
     find_split_dirs,
     load_split,
     load_splits,
-    load_template,
-    slice_index,
 )
+from slices import IMAGE_SIZE, DatasetError, case_id, centre_fit, slice_index
 
 OASIS_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
 
@@ -237,90 +228,3 @@ def test_normalisation_survives_a_weights_only_checkpoint(tmp_path):
     assert Normalisation.from_dict(loaded["normalisation"]) == norm
     with pytest.raises(ValueError):
         Normalisation(mean=0.5, std=0.0)
-
-
-# ---------------------------------------------------------------- demo set
-
-TINY = {"n_train": 2, "n_validate": 1, "n_test": 1, "slices_per_subject": 4}
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("demo"), **TINY)
-
-
-def test_demo_has_oasis_layout_and_brain_like_images(tiny_demo):
-    assert (tiny_demo / ".complete").is_file()
-    splits = load_splits(tiny_demo)
-    assert [len(s) for s in splits.values()] == [8, 4, 4]
-    assert splits["train"].names[:4] == [f"case_001_slice_{k}.nii.png" for k in range(4)]
-    for slices in splits.values():
-        images = slices.images
-        assert images.dtype == torch.uint8
-        assert images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
-        border = torch.cat(
-            [
-                images[:, :8].flatten(),
-                images[:, -8:].flatten(),
-                images[..., :8].flatten(),
-                images[..., -8:].flatten(),
-            ]
-        )
-        assert border.max() == 0  # background is exactly 0 and the brain is not cut off
-        brain_fraction = (images > 0).float().mean((1, 2))
-        assert brain_fraction.min() > 0.05
-        assert images.max() >= 200
-
-    cases = {split: {case_id(name) for name in s.names} for split, s in splits.items()}
-    assert cases == {"train": {"001", "002"}, "validate": {"003"}, "test": {"004"}}
-
-
-def test_demo_is_reused_not_rebuilt(tiny_demo):
-    files = sorted(tiny_demo.rglob("*.png"))
-    before = [path.stat().st_mtime_ns for path in files]
-    assert build_demo_dataset(tiny_demo, **TINY) == tiny_demo
-    assert [path.stat().st_mtime_ns for path in files] == before
-
-
-def test_demo_is_deterministic_and_depends_on_seed(tiny_demo, tmp_path):
-    small = {**TINY, "n_train": 1, "slices_per_subject": 4}
-    threads = torch.get_num_threads()
-    same = load_splits(build_demo_dataset(tmp_path / "same", **small))
-    assert torch.get_num_threads() == threads  # the build's single-thread setting is undone
-    assert torch.equal(
-        same["train"].images, load_splits(tiny_demo)["train"].images[:4]
-    )  # case 001 alike
-
-    other = load_splits(build_demo_dataset(tmp_path / "other", **small, seed=1))
-    assert not torch.equal(same["train"].images, other["train"].images)
-
-    rebuilt = load_splits(
-        build_demo_dataset(tmp_path / "same", **small, seed=1)
-    )  # new settings: rebuilt
-    assert torch.equal(rebuilt["train"].images, other["train"].images)
-
-
-def test_demo_refuses_to_overwrite_real_data(tmp_path):
-    make_oasis_root(tmp_path)
-    with pytest.raises(DatasetError, match="refusing to overwrite"):
-        build_demo_dataset(tmp_path, **TINY)
-
-
-def test_noise_free_demo_slices_match_the_noisy_ones_but_for_the_noise():
-    noisy, clean = demo_subject_with_clean(load_template(), np.random.default_rng([0, 3]), 2)
-    difference = noisy.astype(int) - clean
-    brain = clean > 0
-    assert np.abs(difference[~brain]).max() <= 1  # background: noise clamped away
-    assert 1 < difference[brain].std() < 12  # inside: a few grey levels of noise
-    assert abs(difference[brain].mean()) < 1
-
-
-def test_noise_ceiling_script_writes_its_scores(tmp_path, monkeypatch):
-    import noise_ceiling
-
-    monkeypatch.setattr(noise_ceiling.dataset, "DEMO_TEST_SUBJECTS", 1)
-    monkeypatch.setattr(noise_ceiling.dataset, "DEMO_SLICES_PER_SUBJECT", 2)
-    assert noise_ceiling.main(["--out", str(tmp_path / "c.json")]) == 0
-    scores = json.loads((tmp_path / "c.json").read_text())
-    assert scores["n_test_images"] == 2
-    assert 0.5 < scores["test_ssim_brain"] < scores["test_ssim"] < 1

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import evaluation
-import predict
+import inference
+import masks
 from io_utils import RunError
 from modules import PixelCNN, PriorConfig
+from sampling import sample
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RUN = REPO / "runs" / "demo"
@@ -35,7 +37,7 @@ def test_full_context_inpainting_keeps_every_given_index(prior):
     masked[0, 2:5, 2:5] = -1
     masked[1, 3:6, 1:7] = -1
     masked[2, 0, 0] = -1
-    filled = predict.inpaint_full_context(prior, masked, sweeps=2,
+    filled = inference.inpaint_full_context(prior, masked, sweeps=2,
                                           generator=torch.Generator().manual_seed(1),
                                           proposals=3)
     given = masked != -1
@@ -47,31 +49,31 @@ def test_given_after_holes_marks_the_context_raster_order_never_sees():
     holes = torch.zeros(2, 3, 3, dtype=torch.bool)
     holes[0, 1, 1] = True  # given sites after it: (1, 2) and row 2
     holes[1, 2] = True  # the last row: nothing given follows
-    after = evaluation.given_after_holes(holes)
+    after = masks.given_after_holes(holes)
     expected = torch.zeros(2, 3, 3, dtype=torch.bool)
     expected[0, 1, 2] = expected[0, 2] = True
     assert torch.equal(after, expected)
 
 
 def test_full_context_changes_the_raster_fill_and_is_reproducible(prior):
-    masked = predict.apply_mask(_grids(n=4), predict.centre_square_mask(8, 4))
+    masked = masks.apply_mask(_grids(n=4), masks.centre_square_mask(8, 4))
 
     def fill(sweeps):
-        return predict.inpaint_full_context(prior, masked, sweeps,
+        return inference.inpaint_full_context(prior, masked, sweeps,
                                             torch.Generator().manual_seed(3), proposals=4)
     assert not torch.equal(fill(0), fill(2))
     assert torch.equal(fill(2), fill(2))
 
 
 def test_full_context_is_the_raster_sample_when_no_given_index_follows_the_hole(prior):
-    masked = predict.apply_mask(_grids(), predict.bottom_half_mask(8))
-    full = predict.inpaint_full_context(prior, masked, 2, torch.Generator().manual_seed(5))
-    raster = prior.sample(masked, generator=torch.Generator().manual_seed(5))
+    masked = masks.apply_mask(_grids(), masks.bottom_half_mask(8))
+    full = inference.inpaint_full_context(prior, masked, 2, torch.Generator().manual_seed(5))
+    raster = sample(prior, masked, generator=torch.Generator().manual_seed(5))
     assert torch.equal(full, raster)
 
 
 def _log_likelihood(prior, grid):
-    return -predict.surprise_bits(prior, grid).sum().item() * math.log(2)
+    return -inference.surprise_bits(prior, grid).sum().item() * math.log(2)
 
 
 def test_a_hole_site_is_drawn_from_its_conditional_on_the_whole_grid(prior):
@@ -88,7 +90,7 @@ def test_a_hole_site_is_drawn_from_its_conditional_on_the_whole_grid(prior):
     assert (exact - own).abs().max() > 0.2  # the later sites matter here
     masked = grid.repeat(3000, 1, 1)
     masked[:, r, c] = -1
-    filled = predict.inpaint_full_context(prior, masked, sweeps=3,
+    filled = inference.inpaint_full_context(prior, masked, sweeps=3,
                                           generator=torch.Generator().manual_seed(0),
                                           proposals=3)
     frequencies = torch.bincount(filled[:, r, c], minlength=6).double() / len(filled)
@@ -104,7 +106,7 @@ def test_later_log_likelihood_is_the_whole_grid_less_the_site_and_earlier(prior)
         for code in range(6):
             trial = grid.clone()
             trial[0, r, c] = code
-            later = predict.later_log_likelihood(prior(trial), trial, r, c).item()
+            later = inference.later_log_likelihood(prior(trial), trial, r, c).item()
             rest.append(_log_likelihood(prior, trial) - own[code].item() - later)
     assert max(rest) - min(rest) < 1e-4  # the same earlier-sites term for every code
 
@@ -112,7 +114,7 @@ def test_later_log_likelihood_is_the_whole_grid_less_the_site_and_earlier(prior)
 def test_gibbs_site_returns_the_new_grids_logits(prior):
     grids = _grids(n=3)
     with torch.no_grad():
-        codes, logits = predict._gibbs_site(prior, grids, prior(grids), 2, 5, 3, 1.0,
+        codes, logits = inference._gibbs_site(prior, grids, prior(grids), 2, 5, 3, 1.0,
                                             torch.Generator().manual_seed(0))
         grids[:, 2, 5] = codes
         assert torch.allclose(logits, prior(grids), atol=1e-5)
@@ -120,17 +122,17 @@ def test_gibbs_site_returns_the_new_grids_logits(prior):
 
 def test_surprise_bits_average_to_the_training_loss(prior):
     grids = _grids()
-    bits = predict.surprise_bits(prior, grids)
+    bits = inference.surprise_bits(prior, grids)
     assert bits.shape == grids.shape and (bits >= 0).all()
     assert math.isclose(bits.mean().item(), prior.bits_per_index(grids).item(), rel_tol=1e-5)
 
 
 def test_masks_and_their_pixels():
-    centre = predict.centre_square_mask()
+    centre = masks.centre_square_mask()
     assert centre.sum() == 144 and centre[10:22, 10:22].all()
-    pixels = evaluation.sites_to_pixels(centre, 256)
+    pixels = masks.sites_to_pixels(centre, 256)
     assert pixels.shape == (256, 256) and pixels.sum() == 144 * 64
-    assert np.array_equal(evaluation.pixels_to_sites(pixels, 32), centre.numpy())
+    assert np.array_equal(masks.pixels_to_sites(pixels, 32), centre.numpy())
 
 
 def _brain(size=256, value=120):
@@ -179,7 +181,7 @@ def test_nearest_neighbour_finds_the_copy_and_diversity_of_copies_is_zero():
 @pytest.mark.skipif(not (DEMO_RUN / "prior_best.pt").is_file(), reason="no trained demo run")
 def test_demo_prior_is_surprised_by_a_lesion():
     import dataset
-    run = predict.Run(DEMO_RUN, torch.device("cpu"))
+    run = inference.Run(DEMO_RUN, torch.device("cpu"))
     root = run.data_root if run.data_root.is_absolute() else REPO / run.data_root
     if not root.is_dir():
         pytest.skip(f"demo data {root} not built")
@@ -194,11 +196,11 @@ def test_user_masks_are_checked(tmp_path):
     grid = np.zeros((32, 32), np.int64)
     grid[4:8, 4:8] = 1
     np.save(ok, grid)
-    assert predict.load_mask(ok, 16).sum() == 16
+    assert masks.load_mask(ok, 16).sum() == 16
     index_grid = np.full((32, 32), 3)
     index_grid[0, :2] = -1
     np.save(tmp_path / "grid.npy", index_grid)
-    assert predict.load_mask(tmp_path / "grid.npy", 16).sum() == 2
+    assert masks.load_mask(tmp_path / "grid.npy", 16).sum() == 2
     for name, array, words in [
         ("shape.npy", np.ones((30, 30)), "must be 32×32"),
         ("values.npy", np.where(grid == 1, -1, 99), "holds 99"),
@@ -207,12 +209,12 @@ def test_user_masks_are_checked(tmp_path):
     ]:
         np.save(tmp_path / name, array)
         with pytest.raises(RunError, match=words):
-            predict.load_mask(tmp_path / name, 16)
+            masks.load_mask(tmp_path / name, 16)
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(RunError, match="cannot be read"):
-        predict.load_mask(tmp_path / "junk.npy", 16)
+        masks.load_mask(tmp_path / "junk.npy", 16)
     with pytest.raises(RunError, match="not found"):
-        predict.load_mask(tmp_path / "missing.png", 16)
+        masks.load_mask(tmp_path / "missing.png", 16)
 
 
 def test_brain_codebook_stats_count_only_the_sites_that_are_mostly_brain():

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import stages
 import train
-from dataset import build_demo_dataset
+from demo_data import build_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--profile", "tiny", "--vqvae-epochs", "2", "--prior-epochs", "1", "--batch-size", "4",
@@ -99,7 +100,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(data_root, uninterr
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(data_root, tmp_path,
                                                                       monkeypatch, capsys):
-    real = train.vqvae_losses
+    real = stages.vqvae_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -109,7 +110,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(data_root,
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(train, "vqvae_losses", poisoned)
+    monkeypatch.setattr(stages, "vqvae_losses", poisoned)
     run = tmp_path / "nan"
     code = train.main(["--data", str(data_root), "--out", str(run), *TINY])
     assert code == 2

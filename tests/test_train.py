@@ -1,10 +1,12 @@
 import torch
 
+from config import PROFILES, StageSettings
 from dataset import Normalisation
 from engine import epoch_batches
 from metrics import ssim_torch
 from modules import VQVAE
-from train import PROFILES, StageSettings, apply_profile, parse_args, random_crops, vqvae_losses
+from stages import random_crops, vqvae_losses
+from train import parse_args, resolve_profile
 
 
 def test_random_crops_sit_on_the_code_lattice_inside_the_margin():
@@ -32,19 +34,21 @@ def test_epoch_batches_cover_every_sample_once_and_are_reproducible():
 
 def test_flags_override_the_profile():
     args = parse_args(["--profile", "full", "--n-codes", "128", "--embedding-dim", "16",
-                       "--vqvae-epochs", "3", "--batch-size", "5"])
-    assert args.vqvae_config.n_codes == 128 and args.vqvae_config.embedding_dim == 16
-    assert args.vqvae_config.hidden == PROFILES["full"]["vqvae"].hidden
-    assert args.vqvae_stage.epochs == 3 and args.vqvae_stage.batch_size == 5
-    assert args.prior_stage.epochs == PROFILES["full"]["prior_stage"].epochs
+                       "--vqvae-epochs", "3", "--batch-size", "5", "--prior-embedding", "random"])
+    profile = resolve_profile(args)
+    assert profile.vqvae.n_codes == 128 and profile.vqvae.embedding_dim == 16
+    assert profile.vqvae.hidden == PROFILES["full"].vqvae.hidden
+    assert profile.vqvae_stage.epochs == 3 and profile.vqvae_stage.batch_size == 5
+    assert profile.prior_stage.epochs == PROFILES["full"].prior_stage.epochs
+    assert not profile.prior_stage.embed_from_codebook
+    assert PROFILES["full"].vqvae.n_codes == 512  # the preset itself is left as it was
     args.profile = "demo"
-    apply_profile(args)
-    assert args.vqvae_config.hidden == PROFILES["demo"]["vqvae"].hidden
+    assert resolve_profile(args).vqvae.hidden == PROFILES["demo"].vqvae.hidden
 
 
 def test_ssim_weight_adds_one_minus_ssim_on_unit_scale_pixels():
     torch.manual_seed(0)
-    model = VQVAE(PROFILES["tiny"]["vqvae"]).eval()
+    model = VQVAE(PROFILES["tiny"].vqvae).eval()
     norm = Normalisation(mean=0.2, std=0.3)
     x = norm.normalise(torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8))
     plain = vqvae_losses(model, x, StageSettings(epochs=1, batch_size=2, lr=1e-3), norm)
