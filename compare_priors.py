@@ -1,8 +1,8 @@
 """Compare a run's PixelCNN prior with a seed-style prior (indices fed as a scaled scalar,
 seven gated layers with dilations 1,2,1,4,1,2,1) trained for the same number of epochs on the
-same index grids, by bits per index on the test split; and, as an ablation, with the same
-PixelCNN trained without starting its embedding from the codebook. Writes
-RUN/prior_comparison.json.
+same index grids, by bits per index on the test split and by how real its samples are
+(generation.py's scores); and, as an ablation, with the same PixelCNN trained without starting
+its embedding from the codebook. Writes RUN/prior_comparison.json.
 
     python compare_priors.py --run runs/demo
 """
@@ -17,14 +17,18 @@ from pathlib import Path
 import torch
 
 import engine
+import generation
 from baselines import SeedStylePixelCNN
 from checkpoints import checkpoint_path, load_indices, load_prior
 from config import StageSettings
+from dataset import load_splits
 from distributed import DEVICES, choose_device
-from inference import autocast, evaluate_prior
+from evaluation import to_uint8
+from inference import Run, autocast, evaluate_prior
 from io_utils import RunError, load_checkpoint, write_json
 from modules import PixelCNN
-from stages import RunOptions, make_stage, seed_everything
+from sampling import sample
+from stages import RunOptions, make_stage, seed_everything, split_positions
 
 
 def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettings, seed: int,
@@ -32,11 +36,12 @@ def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettin
     """Train a comparison prior with train.py's loop and settings; returns its
     best-validation weights and the seconds taken."""
     model = model.to(device)
-    grids = indices["train"]
+    grids, positions = indices["train"], split_positions(indices, "train")
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
         with autocast(device):
-            return {"loss": model.bits_per_index(grids[batch].long().to(device))}
+            return {"loss": model.bits_per_index(grids[batch].long().to(device),
+                                                 positions[batch].to(device))}
 
     def report(epoch: int, row: dict[str, float], _history: list) -> None:
         print(f"{name} epoch {epoch}: validation bits/index "
@@ -48,7 +53,8 @@ def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettin
             name, model, settings, len(grids), RunOptions(Path(scratch), seed), device, step=step,
             monitor="val_bits_per_index", after_epoch=report, checkpoint_extra=dict,
             evaluate=lambda: {"val_bits_per_index": evaluate_prior(
-                model, indices["validate"], device, settings.batch_size)})
+                model, indices["validate"], device, settings.batch_size,
+                split_positions(indices, "validate"))})
         engine.fit(stage, Path(scratch), resume=False)
         model.load_state_dict(load_checkpoint(checkpoint_path(Path(scratch), name, "best"))
                               ["model"])
@@ -65,10 +71,11 @@ def compare(run: Path, args: argparse.Namespace) -> dict:
     baseline, seconds = train_alone("seed_style_prior",
                                     SeedStylePixelCNN(indices["n_codes"], ours.cfg.channels),
                                     indices, stage, args.seed, device)
+    test_positions = split_positions(indices, "test")
     result = {
         "epochs": stage.epochs,
         "test_bits_per_index_ours": evaluate_prior(ours, indices["test"], device,
-                                                   stage.batch_size),
+                                                   stage.batch_size, test_positions),
         "test_bits_per_index_seed_style": evaluate_prior(baseline, indices["test"], device,
                                                          stage.batch_size),
         "params_ours": sum(p.numel() for p in ours.parameters()),
@@ -82,8 +89,28 @@ def compare(run: Path, args: argparse.Namespace) -> dict:
         plain, _ = train_alone("prior_random_embedding", PixelCNN(ours.cfg), indices, stage,
                                args.seed, device)
         result["test_bits_per_index_ours_random_embedding"] = evaluate_prior(
-            plain, indices["test"], device, stage.batch_size)
+            plain, indices["test"], device, stage.batch_size, test_positions)
+    if args.n_samples:
+        result.update(seed_style_sample_scores(run, baseline, indices, args, device))
     return result
+
+
+def seed_style_sample_scores(run: Path, baseline: PixelCNN, indices: dict,
+                             args: argparse.Namespace, device: torch.device) -> dict:
+    """generation.py's scores of the seed-style prior's samples (decoded by the run's VQ-VAE),
+    against the same real reference `predict.py --evaluate` uses."""
+    trained = Run(run, device)
+    splits = load_splits(trained.data_root, splits=("train", "test"), spacing=trained.spacing)
+    test_grids = indices["test"].long()
+    reference = generation.real_reference(trained, splits["train"], splits["test"], test_grids,
+                                          trained.decode(test_grids), args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    grids = sample(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device),
+                   1.0, generator).cpu()
+    unknown = torch.full((args.n_samples,), float("nan"))  # the seed's prior knows no position
+    scores = generation.generation_scores(to_uint8(trained.decode(grids)), unknown, reference,
+                                          args.seed)
+    return {f"seed_style_{key}": value for key, value in scores.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ablation", action="store_true",
                    help="skip training the run's prior without its codebook-started embedding")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--n-samples", type=int, default=64,
+                   help="seed-style samples scored for realism (0: skip)")
     args = p.parse_args(argv)
     try:
         result = compare(args.run, args)
@@ -108,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if "test_bits_per_index_ours_random_embedding" in result:
         print(f"ablation: ours with a randomly started embedding "
               f"{result['test_bits_per_index_ours_random_embedding']:.3f}")
+    if "seed_style_c2st_accuracy" in result:
+        print(f"seed-style samples: c2st accuracy {result['seed_style_c2st_accuracy']:.3f} "
+              "(0.5: indistinguishable from real)")
     return 0
 
 

@@ -48,7 +48,8 @@ PROFILES: dict[str, Profile] = {
         vqvae=VQVAEConfig(hidden=(16, 32, 64), n_res_blocks=2, embedding_dim=64, n_codes=512,
                           beta=0.25, ema=True, ema_decay=0.99, dead_code_steps=20),
         prior=PriorConfig(n_codes=512, channels=48, kernel_size=3,
-                          dilations=(1, 2, 4, 8, 1, 2, 4, 8, 1, 1), grid_size=32),
+                          dilations=(1, 2, 4, 8, 1, 2, 4, 8, 1, 1), grid_size=32,
+                          slice_bins=16),
         # Small batches: on a CPU the time per sample hardly depends on the batch, so a
         # fixed budget buys many more updates, which is what these small models need.
         vqvae_stage=StageSettings(epochs=14, batch_size=4, lr=2e-3, ssim_weight=1.0, crop=128,
@@ -57,7 +58,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "tiny": Profile(  # smoke tests: seconds on a CPU, not a useful model
         vqvae=VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
-        prior=PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 4, 8, 16, 1)),
+        prior=PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 4, 8, 16, 1), slice_bins=4),
         vqvae_stage=StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1, crop=128,
                                   crops_per_image=2, ssim_weight=1.0),
         prior_stage=StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1,
@@ -67,7 +68,8 @@ PROFILES: dict[str, Profile] = {
         vqvae=VQVAEConfig(hidden=(64, 128, 256), n_res_blocks=4, embedding_dim=64,
                           n_codes=512),
         prior=PriorConfig(n_codes=512, channels=128,
-                          dilations=(1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1)),
+                          dilations=(1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1),
+                          slice_bins=16),
         vqvae_stage=StageSettings(epochs=100, batch_size=32, lr=1e-3, warmup_steps=500,
                                   ssim_weight=1.0),
         prior_stage=StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500,
@@ -135,3 +137,6 @@ class PredictSettings:
     gibbs_proposals: int = 2  # ... each site choosing among this many drawn codes and its own
     n_surprise: int = 16  # test images that get a synthetic lesion (--surprise)
     sampler: str = "fast"  # "fast": cached, each site computed once; "naive": a pass per site
+    # relative slice position (0: lowest, 1: highest) of the brains generated from scratch;
+    # None: spread evenly from bottom to top
+    slice_position: float | None = None

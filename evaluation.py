@@ -24,7 +24,7 @@ from metrics import (
     mean_scores,
     ssim,
 )
-from slices import SliceSet, slice_index
+from slices import SliceSet, relative_positions, slice_index
 
 MEMORISED_SSIM = 0.98  # samples this close to training images on average are taken for copies
 NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
@@ -54,7 +54,11 @@ def reconstruction_metrics(run: Run, test: SliceSet, indices: torch.Tensor,
     metrics: dict = {f"test_{k}": v for k, v in mean_scores(rows).items()}
     metrics.update(codebook_stats(indices, run.vqvae.cfg.n_codes))
     metrics.update(brain_codebook_stats(references, indices, run.vqvae.cfg.n_codes))
-    metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32)
+    positions = relative_positions(test.names)
+    metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32,
+                                                          positions)
+    brain = torch.from_numpy(_mostly_brain_sites(references, indices.shape[-1]))
+    metrics["prior_test_bits_brain"] = run.surprise(indices, positions)[brain].mean().item()
     metrics["n_test_images"] = len(test)
     by_position = per_slice_position(test.names, rows)
     if by_position:
@@ -85,9 +89,9 @@ def per_slice_position(names: list[str], rows: list[dict[str, float]]) -> dict[s
 
 
 # --------------------------------------------------------------------------- samples
-def sample_metrics(run: Run, n: int, temperature: float, seed: int,
-                   test_reconstructions: np.ndarray) -> dict:
-    """How close n generated brains are to their nearest training image and to each other.
+def sample_metrics(run: Run, samples: np.ndarray, test_reconstructions: np.ndarray) -> dict:
+    """How close generated brains (uint8 (n, H, W)) are to their nearest training image and to
+    each other.
 
     Samples are compared with the VQ-VAE's reconstructions of the training images (decoded
     from the run's indices.pt), not the raw images: a copied training grid then scores SSIM 1,
@@ -95,7 +99,7 @@ def sample_metrics(run: Run, n: int, temperature: float, seed: int,
     memorisation threshold. `test_nn_ssim` scores test-image reconstructions the same way: what
     a new brain from the training distribution gets.
     """
-    samples = to_uint8(run.decode(run.sample(torch.full((n, 32, 32), -1), temperature, seed)))
+    n = len(samples)
     references = training_reconstructions(run)
     test = to_uint8(test_reconstructions[evenly_spaced(len(test_reconstructions), n).numpy()])
     nn_ssim = float(nearest_neighbour_ssim(samples, references)[0].mean())
@@ -160,13 +164,15 @@ class Inpainting:
 
 
 def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
-                       temperature: float, seed: int, sweeps: int,
-                       proposals: int) -> tuple[dict, dict[str, Inpainting]]:
+                       temperature: float, seed: int, sweeps: int, proposals: int,
+                       positions: torch.Tensor | None = None
+                       ) -> tuple[dict, dict[str, Inpainting]]:
     """SSIM and PSNR inside each mask's region of the raster and the full-context completions
     of uint8 `images`, and of the plain reconstruction (what a perfect prior could reach).
     Both samplers start from the same seed, so the full-context one refines the raster fill.
     Where given sites follow the hole, also their mean surprise (bits) given each fill: how
-    well a fill agrees with the context that raster order cannot see."""
+    well a fill agrees with the context that raster order cannot see. `positions` (N,): the
+    slices' relative positions, for a prior conditioned on them."""
     originals = run.to_unit(images)
     indices = run.encode(images)
     metrics: dict = {"inpaint_n_images": len(images), "inpaint_gibbs_sweeps": sweeps,
@@ -176,8 +182,8 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
         fills = {"reconstruction": indices,
-                 "raster": run.inpaint(masked, temperature, seed, 0, proposals),
-                 "full": run.inpaint(masked, temperature, seed, sweeps, proposals)}
+                 "raster": run.inpaint(masked, temperature, seed, 0, proposals, positions),
+                 "full": run.inpaint(masked, temperature, seed, sweeps, proposals, positions)}
         decoded = {"reconstruction": reconstructions,
                    "raster": run.decode(fills["raster"]), "full": run.decode(fills["full"])}
         pixels = sites_to_pixels(mask, images.shape[-1])
@@ -186,7 +192,8 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
             scores = mean_scores([masked_scores(o, c, pixels)
                                   for o, c in zip(originals, completed, strict=True)])
             if context.any():
-                scores["context_bits"] = run.surprise(fills[method])[context].mean().item()
+                surprise = run.surprise(fills[method], positions)
+                scores["context_bits"] = surprise[context].mean().item()
             for key, value in scores.items():
                 metrics[f"inpaint_{name}_{method}_{key}"] = value
         completions[name] = Inpainting(originals, mask, decoded["raster"], decoded["full"])
@@ -226,10 +233,13 @@ def paste_lesion(image: np.ndarray, rng: np.random.Generator,
     return lesioned.round().astype(np.uint8), distance <= radius
 
 
-def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:
+def lesion_study(run: Run, images: torch.Tensor, seed: int,
+                 positions: torch.Tensor | None = None) -> LesionStudy:
     """Paste a lesion into each uint8 slice (N, H, W) that shows brain, and score both
-    versions of those slices with the prior."""
-    images = images[images.flatten(1).amax(1) > 0]
+    versions of those slices with the prior (at their relative `positions`, if known)."""
+    shows_brain = images.flatten(1).amax(1) > 0
+    images = images[shows_brain]
+    positions = None if positions is None else positions[shows_brain]
     rng = np.random.default_rng(seed)
     lesioned, lesion_pixels = zip(*(paste_lesion(image, rng) for image in images.numpy()),
                                   strict=True)
@@ -241,8 +251,8 @@ def lesion_study(run: Run, images: torch.Tensor, seed: int) -> LesionStudy:
     brain_sites = _mostly_brain_sites(clean, grid)
     return LesionStudy(
         clean=clean, lesioned=run.to_unit(lesioned_images),
-        clean_bits=run.surprise(clean_indices).numpy(),
-        lesion_bits=run.surprise(lesion_indices).numpy(),
+        clean_bits=run.surprise(clean_indices, positions).numpy(),
+        lesion_bits=run.surprise(lesion_indices, positions).numpy(),
         lesion_pixels=np.stack(lesion_pixels), lesion_sites=lesion_sites,
         brain_sites=brain_sites & ~lesion_sites)
 

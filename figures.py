@@ -30,15 +30,31 @@ def figure_reconstructions(run: Run, images: torch.Tensor, out: Path) -> None:
               index_cols=[1], n_codes=run.vqvae.cfg.n_codes)
 
 
-def figure_generated(run: Run, n: int, temperature: float, seed: int, out: Path) -> None:
-    start = time.time()
-    indices = run.sample(torch.full((n, 32, 32), -1), temperature, seed)
+STACK_LEVELS = 8  # generated brains in generated_stack.png, bottom to top
+
+
+def figure_generated(run: Run, positions: torch.Tensor, temperature: float, seed: int,
+                     out: Path) -> None:
+    """Brains generated from scratch at relative slice `positions` (n,)."""
+    start, n = time.time(), len(positions)
+    indices = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions)
     brains = run.decode(indices)
     print(f"generated {n} brains in {time.time() - start:.1f}s")
     per_row = min(n, 4)
     save_grid(_rows(list(indices.numpy()), per_row), out / "generated_indices.png",
               index_cols=range(per_row), n_codes=run.vqvae.cfg.n_codes)
     save_grid(_rows(list(brains), per_row), out / "generated_brains.png")
+
+
+def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
+                           levels: int = STACK_LEVELS) -> None:
+    """One generated brain per relative slice position, from the lowest level (0, cerebellum)
+    to the highest (1, vertex), two draws each."""
+    positions = torch.linspace(0, 1, levels).repeat(2)
+    brains = run.decode(run.sample(torch.full((2 * levels, 32, 32), -1), temperature, seed,
+                                   positions))
+    save_grid([list(brains[:levels]), list(brains[levels:])], path,
+              col_titles=[f"position {p:.2f}" for p in positions[:levels].tolist()])
 
 
 def figure_inpainting(run: Run, images: torch.Tensor, mask: torch.Tensor, temperature: float,

@@ -42,13 +42,16 @@ def encode_images(model: VQVAE, images: torch.Tensor, norm: Normalisation,
 
 @torch.no_grad()
 def evaluate_prior(model: PixelCNN, grids: torch.Tensor, device: torch.device,
-                   batch_size: int) -> float:
-    """Mean bits per index over a split (each rank scores its share; sums are reduced)."""
+                   batch_size: int, positions: torch.Tensor | None = None) -> float:
+    """Mean bits per index over a split (each rank scores its share; sums are reduced);
+    `positions` (N,): the grids' relative slice positions, for a conditioned prior."""
     model.eval()
     total = 0.0
     for batch in shard(torch.arange(len(grids))).split(batch_size):
+        where = None if positions is None else positions[batch].to(device)
         with autocast(device):
-            total += model.bits_per_index(grids[batch].long().to(device)).item() * len(batch)
+            total += model.bits_per_index(grids[batch].long().to(device), where).item() \
+                * len(batch)
     return all_reduce_sum({"bits": total})["bits"] / len(grids)
 
 
@@ -79,29 +82,36 @@ class Run:
                   for b in indices.split(32)]
         return self.norm.denormalise(torch.cat(images))[:, 0].numpy()
 
-    def sample(self, indices: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
+    def sample(self, indices: torch.Tensor, temperature: float, seed: int,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill the −1 entries of (B, 32, 32) `indices`, at (B,) relative slice `positions`."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        where = None if positions is None else positions.to(self.device)
         return sample(self.prior, indices.to(self.device), temperature, generator,
-                      method=self.sampler).cpu()
+                      method=self.sampler, positions=where).cpu()
 
     def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
-                proposals: int) -> torch.Tensor:
+                proposals: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the −1 entries: raster sampling, then `sweeps` full-context Gibbs sweeps."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        where = None if positions is None else positions.to(self.device)
         return inpaint_full_context(self.prior, indices.to(self.device), sweeps, generator,
-                                    proposals, temperature, self.sampler).cpu()
+                                    proposals, temperature, self.sampler, where).cpu()
 
-    def surprise(self, indices: torch.Tensor) -> torch.Tensor:
+    def surprise(self, indices: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 32, 32) indices → (B, 32, 32) bits: −log₂ p(index | earlier indices)."""
-        return torch.cat([surprise_bits(self.prior, b.to(self.device)).cpu()
-                          for b in indices.split(32)])
+        where = torch.full((len(indices),), float("nan")) if positions is None else positions
+        return torch.cat([surprise_bits(self.prior, b.to(self.device), p.to(self.device)).cpu()
+                          for b, p in zip(indices.split(32), where.split(32), strict=True)])
 
 
 # ------------------------------------------------------------------ prior: whole-grid uses
 @torch.no_grad()
 def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = 1,
                          generator: torch.Generator | None = None, proposals: int = 2,
-                         temperature: float = 1.0, sampler: str = "fast") -> torch.Tensor:
+                         temperature: float = 1.0, sampler: str = "fast",
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
     """Fill every −1 in `indices` (B, H, W) by raster sampling, then update each filled site
     `sweeps` times in turn so that it follows p(site | every other index), given indices after
     it included; given indices are kept.
@@ -113,27 +123,30 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = 1
     2014) leaves the full conditional exactly invariant; keeping only the top codes instead
     would bias the fill towards likely codes (on the demo run: smooth, uniform fills).
     When no given index follows a hole, raster sampling already conditions on all of them and
-    is returned.
+    is returned. `positions` (B,): relative slice positions, for a conditioned prior.
     """
     holes = indices == -1
-    grids = sample(prior, indices, temperature, generator, method=sampler)
+    grids = sample(prior, indices, temperature, generator, method=sampler, positions=positions)
     if sweeps < 1 or not given_after_holes(holes).any():
         return grids
-    logits = prior(grids)
+    if positions is None:
+        positions = torch.full((len(grids),), float("nan"), device=grids.device)
+    logits = prior(grids, positions)
     sites = torch.nonzero(holes.any(dim=0)).tolist()  # raster order
     for _ in range(sweeps):
         for r, c in sites:
             items = torch.nonzero(holes[:, r, c]).squeeze(1)
             codes, new_logits = _gibbs_site(prior, grids[items], logits[items], r, c,
-                                            proposals, temperature, generator)
+                                            proposals, temperature, generator,
+                                            positions[items])
             grids[items, r, c] = codes
             logits[items] = new_logits
     return grids
 
 
 def _gibbs_site(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: int, c: int,
-                proposals: int, temperature: float,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                proposals: int, temperature: float, generator: torch.Generator | None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Update site (r, c) of each grid (B, H, W) given everything else; `logits` (B, K, H, W)
     are the prior's for the grids. Returns the new codes and the logits of the new grids."""
     own = torch.softmax(logits[:, :, r, c].double() / temperature, dim=1)
@@ -141,7 +154,8 @@ def _gibbs_site(prior: PixelCNN, grids: torch.Tensor, logits: torch.Tensor, r: i
     candidates = torch.cat([grids[:, r, c, None], drawn], dim=1)  # the current code first
     trials = grids.repeat_interleave(proposals, dim=0)
     trials[:, r, c] = drawn.flatten()
-    trial_logits = prior(trials)
+    trial_positions = None if positions is None else positions.repeat_interleave(proposals)
+    trial_logits = prior(trials, trial_positions)
     later = torch.cat([later_log_likelihood(logits, grids, r, c)[:, None],
                        later_log_likelihood(trial_logits, trials, r, c).view(-1, proposals)], 1)
     pick = torch.multinomial(torch.softmax(later / temperature, dim=1), 1,
@@ -163,6 +177,7 @@ def later_log_likelihood(logits: torch.Tensor, grids: torch.Tensor, r: int,
 
 
 @torch.no_grad()
-def surprise_bits(prior: PixelCNN, indices: torch.Tensor) -> torch.Tensor:
+def surprise_bits(prior: PixelCNN, indices: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, W) indices → (B, H, W) −log₂ p(index | earlier indices), from one forward pass."""
-    return bits(prior(indices), indices)
+    return bits(prior(indices, positions), indices)

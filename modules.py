@@ -291,11 +291,20 @@ class PriorConfig:
     # are centred, so where a site is says much about its code; convolutions alone cannot
     # see that beyond their reach of the top and left borders.
     grid_size: int = 32
+    # Slice-position conditioning (van den Oord et al. 2016, conditional PixelCNN): a grid's
+    # relative axial position (0: lowest slice of its volume, 1: highest) picks a learned
+    # vector, interpolated between `slice_bins` evenly spaced ones, that every gated layer adds
+    # through its position projections; grids of unknown position get a learned "unknown"
+    # vector. 0: unconditioned.
+    slice_bins: int = 0
 
     def __post_init__(self) -> None:
         self.dilations = tuple(self.dilations)
         if self.kernel_size % 2 == 0 or self.kernel_size < 3:
             raise ValueError(f"kernel_size must be odd and ≥ 3, got {self.kernel_size}")
+        if self.slice_bins == 1 or self.slice_bins < 0:
+            raise ValueError(f"slice_bins must be 0 (unconditioned) or ≥ 2, got "
+                             f"{self.slice_bins}")
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +355,8 @@ class GatedLayer(nn.Module):
         return gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
 
     def position_bias(self, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, H, W) position embedding → (1, 2C, H, W) biases for the two stacks."""
+        """(1 or B, C, H or 1, W or 1) position embedding → biases of that shape with 2C
+        channels, for the two stacks."""
         if position is None:
             zero = self.h_out.weight.new_zeros(1, 2 * self.h_out.weight.shape[0], 1, 1)
             return zero, zero
@@ -378,14 +388,39 @@ class PixelCNN(nn.Module):
                                   nn.Conv2d(2 * c, self.cfg.n_codes, 1))
         g = self.cfg.grid_size
         self.position = nn.Parameter(torch.randn(1, c, g, g) * 0.1) if g else None
+        bins = self.cfg.slice_bins
+        self.slice_embedding = nn.Embedding(bins + 1, c) if bins else None  # last: unknown
+        if self.slice_embedding is not None:
+            nn.init.normal_(self.slice_embedding.weight, std=0.1)
 
-    def position_biases(self, height: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (vertical, horizontal) position biases for a height × width grid."""
+    def slice_condition(self, positions: torch.Tensor | None,
+                        batch: int) -> torch.Tensor | None:
+        """(B,) relative slice positions in [0, 1] (NaN: unknown) → (B, C, 1, 1) conditioning
+        vectors; None for an unconditioned prior."""
+        if self.slice_embedding is None:
+            return None
+        table, bins = self.slice_embedding.weight, self.cfg.slice_bins
+        if positions is None:
+            positions = table.new_full((batch,), float("nan"))
+        positions = positions.to(table)
+        scaled = positions.nan_to_num(0.0).clamp(0, 1) * (bins - 1)
+        low = scaled.floor().long().clamp(max=bins - 2)
+        weight = (scaled - low)[:, None]
+        vectors = table[low] * (1 - weight) + table[low + 1] * weight
+        vectors = torch.where(positions.isfinite()[:, None], vectors, table[bins])
+        return vectors[:, :, None, None]
+
+    def position_biases(self, height: int, width: int, condition: torch.Tensor | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (vertical, horizontal) biases for a height × width grid: the per-site
+        position embedding plus the slice condition (B, C, 1, 1), if any."""
         position = None
         if self.position is not None:
             if height > self.position.shape[2] or width > self.position.shape[3]:
                 raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
             position = self.position[:, :, :height, :width]
+        if condition is not None:
+            position = condition if position is None else position + condition
         return [layer.position_bias(position) for layer in self.layers]
 
     @torch.no_grad()
@@ -402,18 +437,22 @@ class PixelCNN(nn.Module):
         n = components.shape[1]
         weight[:, :n] = (components * weight.std()).to(weight)
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) indices → (B, K, H, W) logits; the logits at a site see earlier sites only."""
+    def forward(self, indices: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W) indices and (B,) relative slice positions (None or NaN: unknown) →
+        (B, K, H, W) logits; the logits at a site see earlier sites only."""
         x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
         v, h = x, x
-        for layer, bias in zip(self.layers, self.position_biases(*indices.shape[1:]),
+        condition = self.slice_condition(positions, len(indices))
+        for layer, bias in zip(self.layers, self.position_biases(*indices.shape[1:], condition),
                                strict=True):
             v, h = layer(v, h, bias)
         return self.head(h)
 
-    def bits_per_index(self, indices: torch.Tensor) -> torch.Tensor:
+    def bits_per_index(self, indices: torch.Tensor,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood in bits per index (the training loss)."""
-        return bits(self(indices), indices, reduction="mean")
+        return bits(self(indices, positions), indices, reduction="mean")
 
 
 def bits(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "none") -> torch.Tensor:

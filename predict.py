@@ -23,11 +23,13 @@ import torch
 import config
 import dataset
 import evaluation
-from checkpoints import CONFIG_FILE
+import generation
+from checkpoints import CONFIG_FILE, load_indices
 from distributed import DEVICES, choose_device
-from evaluation import evenly_spaced
+from evaluation import evenly_spaced, to_uint8
 from figures import (
     figure_generated,
+    figure_generated_stack,
     figure_inpainting,
     figure_inpainting_methods,
     figure_reconstructions,
@@ -38,7 +40,7 @@ from figures import (
 from inference import Run
 from io_utils import RunError, write_json
 from masks import INPAINT_MASKS, bottom_half_mask, load_mask
-from slices import DatasetError, SliceSet
+from slices import DatasetError, SliceSet, relative_positions
 
 # ---- Edit this, or override it with --run ------------------------------------------------------
 RUN_DIR = "runs/demo"
@@ -46,19 +48,30 @@ RUN_DIR = "runs/demo"
 # -----------------------------------------------------------------------------------------------
 
 
-def evaluate(run: Run, test: SliceSet, indices: torch.Tensor,
+def evaluate(run: Run, train: SliceSet, test: SliceSet, indices: torch.Tensor,
              reconstructions: np.ndarray, args: argparse.Namespace, out: Path) -> dict:
     """metrics.json's contents, and the figures that go with them."""
     metrics = _timed("reconstructions", evaluation.reconstruction_metrics, run, test, indices,
                      reconstructions)
     if "per_slice_position" in metrics:
         figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
-    metrics.update(_timed("samples", evaluation.sample_metrics, run, args.n_eval_samples,
-                          args.temperature, args.seed, reconstructions))
-    chosen = test.images[evenly_spaced(len(test), args.n_inpaint)]
+    reference = _timed("position regressor", generation.real_reference, run, train, test,
+                       indices, reconstructions, args.seed)
+    positions = generation.sample_positions(reference, args.n_eval_samples, args.seed)
+    grids = run.sample(torch.full((len(positions), 32, 32), -1), args.temperature, args.seed,
+                       positions)
+    samples = to_uint8(run.decode(grids))
+    metrics.update(_timed("samples", evaluation.sample_metrics, run, samples, reconstructions))
+    metrics.update(_timed("generation scores", generation.generation_scores, samples,
+                          positions, reference, args.seed))
+    metrics.update(_timed("sanity scores", generation.sanity_scores, run, reference,
+                          load_indices(run.path)["train"].long(), args.n_eval_samples,
+                          args.seed))
+    chosen = evenly_spaced(len(test), args.n_inpaint)
     inpainting, completions = _timed(
-        "inpainting", evaluation.inpainting_metrics, run, chosen, INPAINT_MASKS,
-        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_proposals)
+        "inpainting", evaluation.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,
+        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_proposals,
+        relative_positions(test.names)[chosen])
     metrics.update(inpainting)
     figure_inpainting_methods(completions["centre_square"], args.n_show,
                               out / "inpainting_centre_square.png")
@@ -68,8 +81,9 @@ def evaluate(run: Run, test: SliceSet, indices: torch.Tensor,
 def lesion_surprise(run: Run, test: SliceSet, args: argparse.Namespace,
                     out: Path) -> dict:
     """The synthetic-lesion study: surprise.json in the run, and its figure."""
-    study = _timed("surprise", evaluation.lesion_study, run,
-                   test.images[evenly_spaced(len(test), args.n_surprise)], args.seed)
+    chosen = evenly_spaced(len(test), args.n_surprise)
+    study = _timed("surprise", evaluation.lesion_study, run, test.images[chosen], args.seed,
+                   relative_positions(test.names)[chosen])
     figure_surprise(study, min(args.n_show, 4), out / "surprise.png")
     metrics = evaluation.surprise_metrics(study)
     write_json(metrics, run.path / "surprise.json")
@@ -115,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="brains generated from scratch")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--slice-position", type=float, default=d.slice_position, metavar="P",
+                   help="generate brains at relative slice position P (0: lowest slice of a "
+                        "volume, 1: highest; default: spread from bottom to top)")
     p.add_argument("--sampler", choices=["fast", "naive"], default=d.sampler,
                    help="PixelCNN sampler: cached (fast) or a forward pass per site (naive, "
                         "the reference); both give the same grids")
@@ -132,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("n_eval_samples", "n_inpaint", "gibbs_proposals", "n_surprise"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.slice_position is not None and not 0 <= args.slice_position <= 1:
+        p.error("--slice-position must lie in [0, 1]")
     args.settings = config.PredictSettings(
         **{f.name: getattr(args, f.name) for f in fields(config.PredictSettings)})
     return args
@@ -153,16 +172,27 @@ def report_settings(run: Path, settings: config.PredictSettings) -> None:
                   f"{getattr(defaults, name)})")
 
 
+def generation_positions(n: int, position: float | None) -> torch.Tensor:
+    """(n,) relative slice positions: all at `position`, or spread from bottom to top."""
+    if position is not None:
+        return torch.full((n,), position)
+    return torch.linspace(0, 1, n + 2)[1:-1]  # the inner levels: the ends are near-empty tips
+
+
 def run_predict(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     run = Run(Path(args.run), choose_device(args.device), args.sampler)
     report_settings(run.path, args.settings)
     root = Path(args.data) if args.data else run.data_root
-    test = dataset.load_splits(root, splits=("test",), spacing=run.spacing)["test"]
+    wanted = ("train", "test") if args.evaluate else ("test",)  # train: the position regressor
+    splits = dataset.load_splits(root, splits=wanted, spacing=run.spacing)
+    test = splits["test"]
     out = run.path / "figures"
     show = test.images[torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()]
     figure_reconstructions(run, show, out)
-    figure_generated(run, args.n_samples, args.temperature, args.seed, out)
+    figure_generated(run, generation_positions(args.n_samples, args.slice_position),
+                     args.temperature, args.seed, out)
+    figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png")
     figure_inpainting(run, show, bottom_half_mask(), args.temperature, args.seed,
                       out / "inpainting_bottom_half.png")
     if args.mask:
@@ -174,7 +204,8 @@ def run_predict(args: argparse.Namespace) -> Path:
         reconstructions = run.decode(indices)
     if args.reconstruct_dir:
         write_reconstructions(test.names, reconstructions, args.reconstruct_dir)
-    metrics = evaluate(run, test, indices, reconstructions, args, out) if args.evaluate else {}
+    metrics = (evaluate(run, splits["train"], test, indices, reconstructions, args, out)
+               if args.evaluate else {})
     if args.surprise:
         metrics.update(lesion_surprise(run, test, args, out))
     print(f"figures in {out}")

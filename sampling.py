@@ -11,33 +11,38 @@ from modules import PixelCNN, gate
 
 @torch.no_grad()
 def sample(prior: PixelCNN, indices: torch.Tensor, temperature: float = 1.0,
-           generator: torch.Generator | None = None, method: str = "fast") -> torch.Tensor:
+           generator: torch.Generator | None = None, method: str = "fast",
+           positions: torch.Tensor | None = None) -> torch.Tensor:
     """Fill every −1 in `indices` (B, H, W) by ancestral sampling in raster order.
 
     Entries that are not −1 are kept as given (full generation: all −1; inpainting: some).
     `method="fast"` caches every layer's states and computes each site once;
     `method="naive"` is the reference: one forward pass per generated site. With the same
-    generator state both return the same grids.
+    generator state both return the same grids. `positions` (B,): each grid's relative slice
+    position, for a prior conditioned on it (None or NaN: unknown).
     """
     out = check_sample_input(indices, prior.cfg.n_codes)
     if method == "naive":
-        return sample_naive(prior, out, temperature, generator)
+        return sample_naive(prior, out, temperature, generator, positions)
     if method == "fast":
-        return sample_cached(prior, out, temperature, generator)[0]
+        return sample_cached(prior, out, temperature, generator, positions)[0]
     raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
 
 
 def sample_naive(prior: PixelCNN, out: torch.Tensor, temperature: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+                 generator: torch.Generator | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """One forward pass per site to fill: the reference."""
     for r, c in sites_to_fill(out):
-        logits = prior(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # rows > r cannot matter
+        # rows below r cannot matter
+        logits = prior(out[:, : r + 1].clamp(min=0), positions)[:, :, r, c]
         _fill_site(out, r, c, logits, temperature, generator)
     return out
 
 
 def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, positions: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached ancestral sampling. Returns the grid and the logits (B, K, H, W) used at the
     sampled sites (NaN elsewhere), for checking against a full forward pass."""
     b, height, width = out.shape
@@ -51,7 +56,7 @@ def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
     first_row, last_row = min(columns), max(columns)
     # `out` and `logits_used` are made outside: inference tensors could not enter autograd.
     with torch.inference_mode():
-        cache = _SamplingCache(prior, out, first_row)
+        cache = _SamplingCache(prior, out, first_row, positions)
         for r in range(first_row, last_row + 1):
             if r in columns:  # a row with nothing to fill needs only its vertical stack
                 cache.start_row(r)
@@ -79,7 +84,8 @@ class _SamplingCache:
     term per layer and row, and the views a site reads and writes are made once per column.
     """
 
-    def __init__(self, model: PixelCNN, grid: torch.Tensor, first_row: int) -> None:
+    def __init__(self, model: PixelCNN, grid: torch.Tensor, first_row: int,
+                 positions: torch.Tensor | None = None) -> None:
         """`grid` is filled in place by the caller; rows above `first_row` must be final."""
         self.grid, self.layers = grid, list(model.layers)
         self.embedding = model.embedding.weight  # (K, C)
@@ -93,12 +99,15 @@ class _SamplingCache:
         self.row_terms = [zeros(width, b, 2 * c) for _ in self.layers]
         self.pre = [zeros(b, 2 * c) for _ in self.layers]  # a site's pre-activations, reused
         self.output = zeros(width, b, c)  # the last layer's horizontal stack along the row
-        self.v_bias, self.h_bias = [], []  # (1, 2C, H, W); (H, W, 1, 2C) with both conv biases
-        for layer, (bias_v, bias_h) in zip(self.layers, model.position_biases(height, width),
+        # per layer: (1 or B, 2C, H, W); (H, W, 1 or B, 2C) with both conv biases
+        self.v_bias, self.h_bias = [], []
+        condition = model.slice_condition(positions, b)  # (B, C, 1, 1) or None
+        for layer, (bias_v, bias_h) in zip(self.layers,
+                                           model.position_biases(height, width, condition),
                                            strict=True):
-            self.v_bias.append(bias_v.expand(1, -1, height, width))
+            self.v_bias.append(bias_v.expand(-1, -1, height, width))
             constant = (layer.h_conv.bias + layer.v_to_h.bias).view(1, -1, 1, 1)
-            self.h_bias.append((bias_h + constant).expand(1, -1, height, width)
+            self.h_bias.append((bias_h + constant).expand(-1, -1, height, width)
                                .permute(2, 3, 0, 1))
         self.v_to_h = [self._matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
         hidden, last = model.head[1], model.head[3]

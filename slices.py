@@ -52,6 +52,24 @@ def case_id(name: str | Path) -> str | None:
     return match["case"] if match else None
 
 
+def relative_positions(names: list[str]) -> torch.Tensor:
+    """(N,) float32: each slice's relative axial position in its case or volume, 0 for its
+    lowest slice and 1 for its highest, from `case_X_slice_Y` / `<volume>_slice_<z>` names; NaN
+    where a name carries no slice number or its case has a single slice."""
+    keys = [(case_id(name), slice_index(name)) for name in names]
+    extent: dict[str, tuple[int, int]] = {}
+    for case, index in keys:
+        if case is not None and index is not None:
+            low, high = extent.get(case, (index, index))
+            extent[case] = (min(low, index), max(high, index))
+    positions = torch.full((len(names),), float("nan"))
+    for i, (case, index) in enumerate(keys):
+        if case in extent and extent[case][1] > extent[case][0]:
+            low, high = extent[case]
+            positions[i] = (index - low) / (high - low)
+    return positions
+
+
 def _parse_slice_name(name: str | Path) -> re.Match | None:
     name = Path(name).name
     return next((match for p in _SLICE_NAMES if (match := p.fullmatch(name))), None)

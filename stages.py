@@ -22,7 +22,7 @@ from io_utils import load_checkpoint, save_checkpoint, write_csv, write_json
 from metrics import batch_scores, codebook_stats, codebook_stats_from_counts, ssim_torch
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig, at_least_fp32, bits
 from plots import save_grid, save_loss_curves
-from slices import SliceSet
+from slices import SliceSet, relative_positions
 
 N_GRID_IMAGES = 6  # validation images shown in the per-epoch reconstruction grid
 
@@ -210,6 +210,7 @@ def encode_splits(run: Path, splits: dict[str, SliceSet],
     for name, split in splits.items():
         indices[name] = encode_images(model, split.images, norm, device)
         indices[f"{name}_names"] = list(split.names)
+        indices[f"{name}_positions"] = relative_positions(split.names)  # NaN: unknown
     if is_main():
         save_checkpoint(indices, run / INDICES_FILE)
         report_codebook_usage(run, {name: indices[name] for name in splits}, model.cfg.n_codes)
@@ -233,6 +234,7 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
     refuse_overwrite(run, "prior", options.overwrite, options.resume)
     cfg = PriorConfig(**{**asdict(cfg), "n_codes": indices["n_codes"]})
     train_grids, val_grids = indices["train"], indices["validate"]
+    train_positions, val_positions = (split_positions(indices, s) for s in ("train", "validate"))
     model = PixelCNN(cfg)
     if settings.embed_from_codebook:
         model.embed_like(load_checkpoint(checkpoint_path(run, "vqvae", "best"))["model"]
@@ -241,7 +243,8 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
         with autocast(device):
-            loss = prior_loss(stage.model, shard(train_grids[batch]).long().to(device))
+            loss = prior_loss(stage.model, shard(train_grids[batch]).long().to(device),
+                              shard(train_positions[batch]).to(device))
         return {"loss": loss, "bits_per_index": loss.detach()}
 
     def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
@@ -253,13 +256,21 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
     stage = make_stage(
         "prior", model, settings, len(train_grids), options, device, step=step,
         monitor="val_bits_per_index", after_epoch=after_epoch,
-        evaluate=lambda: {"val_bits_per_index": evaluate_prior(model, val_grids, device,
-                                                               settings.batch_size)},
+        evaluate=lambda: {"val_bits_per_index": evaluate_prior(
+            model, val_grids, device, settings.batch_size, val_positions)},
         checkpoint_extra=lambda: {"model_config": asdict(cfg), "stage_settings": asdict(settings),
                                   "vqvae_epoch": indices["vqvae_epoch"]})
     engine.fit(stage, run, options.resume)
 
 
-def prior_loss(model: torch.nn.Module, grids: torch.Tensor) -> torch.Tensor:
+def prior_loss(model: torch.nn.Module, grids: torch.Tensor,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
     """Bits per index through the (possibly data-parallel) model's forward."""
-    return bits(model(grids), grids, reduction="mean")
+    return bits(model(grids, positions), grids, reduction="mean")
+
+
+def split_positions(indices: dict[str, Any], split: str) -> torch.Tensor:
+    """(N,) relative slice positions of a split's grids (NaN: unknown; all NaN for an
+    indices.pt written before positions were kept)."""
+    grids = indices[split]
+    return indices.get(f"{split}_positions", torch.full((len(grids),), float("nan")))

@@ -10,7 +10,14 @@ from dataset import (
     load_split,
     load_splits,
 )
-from slices import IMAGE_SIZE, DatasetError, case_id, centre_fit, slice_index
+from slices import (
+    IMAGE_SIZE,
+    DatasetError,
+    case_id,
+    centre_fit,
+    relative_positions,
+    slice_index,
+)
 
 OASIS_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
 
@@ -228,3 +235,12 @@ def test_normalisation_survives_a_weights_only_checkpoint(tmp_path):
     assert Normalisation.from_dict(loaded["normalisation"]) == norm
     with pytest.raises(ValueError):
         Normalisation(mean=0.5, std=0.0)
+
+
+def test_relative_positions_run_from_each_cases_lowest_to_its_highest_slice():
+    names = ["case_001_slice_3.nii.png", "case_001_slice_7.nii.png", "case_001_slice_5.nii.png",
+             "OAS1_0002_MR1_slice_40.png", "OAS1_0002_MR1_slice_140.png",
+             "case_004_slice_9.nii.png", "scan.png"]
+    positions = relative_positions(names)
+    torch.testing.assert_close(positions[:5], torch.tensor([0.0, 1.0, 0.5, 0.0, 1.0]))
+    assert positions[5:].isnan().all()  # a case with one slice; no slice number

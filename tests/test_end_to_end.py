@@ -16,7 +16,10 @@ from demo_data import build_demo_dataset
 
 EXPECTED_METRICS = {"test_ssim", "test_psnr", "test_mse", "test_ssim_brain", "test_psnr_brain",
                     "codebook_usage", "codebook_perplexity", "prior_test_bits_per_index",
-                    "codes_used_brain", "codebook_perplexity_brain", "n_test_images"}
+                    "codes_used_brain", "codebook_perplexity_brain", "n_test_images",
+                    "prior_test_bits_brain", "c2st_accuracy", "c2st_real_vs_real",
+                    "c2st_unigram", "c2st_chimera", "sample_fd", "sample_fd_real_vs_real",
+                    "sample_fd_unigram", "sample_position_mae", "test_position_mae"}
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +66,19 @@ def test_checkpoint_alone_rebuilds_the_models(trained_run):
 
 def test_compare_priors_trains_both_baselines_and_scores_the_test_split(trained_run):
     # on the CPU, as this test's own evaluation below, also where a GPU is present
-    assert compare_priors.main(["--run", str(trained_run), "--device", "cpu"]) == 0
+    assert compare_priors.main(["--run", str(trained_run), "--device", "cpu",
+                                "--n-samples", "3"]) == 0
     result = json.loads((trained_run / "prior_comparison.json").read_text())
     ours = checkpoints.load_prior(trained_run / "prior_best.pt", torch.device("cpu"))
-    grids = torch.load(trained_run / "indices.pt", weights_only=True)["test"].long()
-    with torch.no_grad():
-        bits = ours.bits_per_index(grids).item()  # one batch: the 4 test grids
+    indices = torch.load(trained_run / "indices.pt", weights_only=True)
+    assert ours.cfg.slice_bins > 0  # conditioned: scored at the test slices' positions
+    with torch.no_grad():  # one batch: the 4 test grids
+        bits = ours.bits_per_index(indices["test"].long(), indices["test_positions"]).item()
     assert math.isclose(result["test_bits_per_index_ours"], bits, rel_tol=1e-5)
     assert math.isclose(result["reduction"], 1 - bits / result["test_bits_per_index_seed_style"])
     assert result["params_seed_style"] < result["params_ours"]
     assert result["test_bits_per_index_ours_random_embedding"] > 0  # the tiny profile ablates
+    assert 0 <= result["seed_style_c2st_accuracy"] <= 1 and result["seed_style_sample_fd"] >= 0
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def predicted_run(trained_run, tmp_path_factory):
 def test_predict_writes_figures_and_metrics(predicted_run):
     run, _ = predicted_run
     figures = run / "figures"
-    for name in ("reconstructions", "generated_indices", "generated_brains",
+    for name in ("reconstructions", "generated_indices", "generated_brains", "generated_stack",
                  "inpainting_bottom_half", "inpainting_custom", "inpainting_centre_square",
                  "ssim_by_slice", "surprise"):
         assert (figures / f"{name}.png").stat().st_size > 0
@@ -104,6 +110,10 @@ def test_predict_writes_figures_and_metrics(predicted_run):
     assert 0 < metrics["test_ssim"] <= 1
     assert 0 < metrics["codebook_usage"] <= 1
     assert 0 < metrics["prior_test_bits_per_index"] < 20
+    assert metrics["prior_test_bits_brain"] > 0
+    for key in ("c2st_accuracy", "c2st_real_vs_real", "c2st_unigram", "c2st_chimera"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["sample_fd"] >= 0 and 0 <= metrics["test_position_mae"] <= 1
 
 
 def test_metrics_per_slice_position(predicted_run):

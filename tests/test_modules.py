@@ -194,3 +194,54 @@ def test_prior_embedding_from_codebook_puts_similar_codes_close():
     assert torch.equal(model.embedding.weight[:, 16:], before[:, 16:])  # beyond D: untouched
     with pytest.raises(ValueError, match="codes"):
         model.embed_like(codebook[:10])
+
+
+def _conditioned_prior(grid_size=8):
+    torch.manual_seed(0)
+    model = PixelCNN(PriorConfig(n_codes=24, channels=12, dilations=(1, 2, 1),
+                                 grid_size=grid_size, slice_bins=5)).eval()
+    with torch.no_grad():  # trained-size condition vectors, so that they matter
+        model.slice_embedding.weight.normal_(0, 1)
+    return model
+
+
+def test_slice_position_conditions_every_site_and_unknown_has_its_own_vector():
+    model = _conditioned_prior()
+    grid = torch.randint(24, (3, 8, 8))
+    low, high = torch.zeros(3), torch.ones(3)
+    assert (model(grid, low) - model(grid, high)).abs().amax(dim=(0, 1)).min() > 0
+    unknown = model(grid, torch.full((3,), float("nan")))
+    assert torch.equal(unknown, model(grid))  # no positions: the "unknown" vector
+    assert not torch.allclose(unknown, model(grid, low))
+    halfway = model.slice_condition(torch.tensor([0.125]), 1)  # between bins 0 and 1 of 5
+    table = model.slice_embedding.weight
+    torch.testing.assert_close(halfway[0, :, 0, 0], (table[0] + table[1]) / 2)
+
+
+def test_a_conditioned_prior_stays_causal():
+    model = _conditioned_prior().double()
+    grid = torch.randint(24, (1, 6, 6))
+    where = torch.tensor([0.3])
+    changed = grid.clone()
+    changed[0, 3, 2] = (grid[0, 3, 2] + 1) % 24
+    before, after = model(grid, where), model(changed, where)
+    order = torch.arange(36).view(6, 6)
+    earlier_or_same = order <= 3 * 6 + 2
+    assert torch.equal(before[0][:, earlier_or_same], after[0][:, earlier_or_same])
+
+
+@pytest.mark.parametrize("grid_size", [8, 0])
+def test_fast_sampler_matches_naive_with_slice_positions(grid_size):
+    model = _conditioned_prior(grid_size)
+    grid = torch.full((3, 8, 8), -1)
+    grid[1, :4] = torch.randint(24, (4, 8))
+    where = torch.tensor([0.1, float("nan"), 0.9])
+    fast = sample(model, grid, 1.0, torch.Generator().manual_seed(5), "fast", where)
+    naive = sample(model, grid, 1.0, torch.Generator().manual_seed(5), "naive", where)
+    assert torch.equal(fast, naive)
+    out, logits = sample_cached(model, grid.clone(), 1.0, torch.Generator().manual_seed(0),
+                                where)
+    sampled = (grid == -1).any(0).expand_as(grid)
+    torch.testing.assert_close(logits.permute(0, 2, 3, 1)[sampled],
+                               model(out, where).permute(0, 2, 3, 1)[sampled],
+                               rtol=1e-4, atol=1e-5)

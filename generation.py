@@ -1,0 +1,118 @@
+"""How real the generated brains are, by scores that can fail (sample_scores.py), each reported
+beside a case that must score well and cases that must score badly:
+
+- `c2st_accuracy`: a classifier two-sample test, generated slices against VQ-VAE
+  reconstructions of held-out test slices (both through the same decoder); 0.5 = alike.
+  `c2st_real_vs_real` (two halves of the test reconstructions) must sit near 0.5,
+  `c2st_unigram` (each site drawn from its position's code histogram) and `c2st_chimera` (top
+  half of one real grid, bottom half of a real grid from another level) near 1.
+- `sample_fd`: Fréchet distance in the feature space of a slice-position regressor trained on
+  the training split, beside `sample_fd_real_vs_real`.
+- `sample_position_mae`: that regressor's error on the positions the samples were generated
+  at, beside `test_position_mae` on real test slices."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import sample_scores
+from evaluation import to_uint8
+from inference import Run
+from slices import SliceSet, relative_positions
+
+C2ST_FOLDS = 5
+
+
+@dataclass
+class RealReference:
+    """What generated slices are scored against: held-out real slices (as reconstructions) and
+    a position regressor trained on the training split."""
+    reconstructions: np.ndarray  # uint8 (N, H, W): the test split through the VQ-VAE
+    positions: torch.Tensor  # (N,) relative slice positions (NaN: unknown)
+    grids: torch.Tensor  # (N, 32, 32) the test split's code grids
+    regressor: sample_scores.SliceEncoder | None  # None where no training slice has a position
+
+
+def real_reference(run: Run, train: SliceSet, test: SliceSet, test_grids: torch.Tensor,
+                   test_reconstructions: np.ndarray, seed: int) -> RealReference:
+    train_positions = relative_positions(train.names)
+    known = train_positions.isfinite()
+    regressor = None
+    if known.sum() >= 2:
+        regressor = sample_scores.train_position_regressor(
+            train.images[known].numpy(), train_positions[known].numpy(), seed=seed)
+    return RealReference(to_uint8(test_reconstructions), relative_positions(test.names),
+                         test_grids, regressor)
+
+
+def sample_positions(reference: RealReference, n: int, seed: int) -> torch.Tensor:
+    """(n,) positions to generate at: drawn from the test slices' positions (NaN where those
+    are unknown), so that generated and real slices come from the same levels."""
+    pick = torch.randint(len(reference.positions), (n,),
+                         generator=torch.Generator().manual_seed(seed))
+    return reference.positions[pick]
+
+
+def generation_scores(samples: np.ndarray, positions: torch.Tensor,
+                      reference: RealReference, seed: int) -> dict[str, float]:
+    """c2st, Fréchet distance and position error of uint8 generated slices (N, H, W) that were
+    generated at `positions` (N,)."""
+    real = _matched_real(reference, len(samples), seed)
+    scores = {"c2st_accuracy": c2st(samples, real, seed=seed)}
+    if reference.regressor is not None:
+        features = sample_scores.features(reference.regressor, samples)
+        scores["sample_fd"] = sample_scores.frechet_distance(
+            features, sample_scores.features(reference.regressor, real))
+        known = positions.isfinite().numpy()
+        if known.any():
+            predicted = sample_scores.predict_positions(reference.regressor, samples[known])
+            scores["sample_position_mae"] = float(np.abs(
+                predicted - positions[known].numpy()).mean())
+    return scores
+
+
+def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor, n: int,
+                  seed: int) -> dict[str, float]:
+    """The same scores where the answer is known: real against real (c2st ≈ 0.5), and two
+    kinds of fakes that a test with power must catch (c2st ≈ 1)."""
+    recon = reference.reconstructions
+    halves = recon[0::2], recon[1::2]
+    scores = {"c2st_real_vs_real": c2st(*halves, seed=seed)}
+    generator = torch.Generator().manual_seed(seed)
+    unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
+    real = _matched_real(reference, n, seed)
+    scores["c2st_unigram"] = c2st(unigram, real, seed=seed)
+    known = reference.positions.isfinite()
+    if known.sum() >= 2:
+        chimeras = sample_scores.chimera_grids(reference.grids[known],
+                                               reference.positions[known], n, generator)
+        scores["c2st_chimera"] = c2st(
+            to_uint8(run.decode(chimeras)), real, seed=seed)
+    if reference.regressor is not None:
+        regressor = reference.regressor
+        scores["sample_fd_real_vs_real"] = sample_scores.frechet_distance(
+            *(sample_scores.features(regressor, half) for half in halves))
+        scores["sample_fd_unigram"] = sample_scores.frechet_distance(
+            sample_scores.features(regressor, unigram), sample_scores.features(regressor, real))
+        if known.any():
+            predicted = sample_scores.predict_positions(regressor, recon[known.numpy()])
+            scores["test_position_mae"] = float(np.abs(
+                predicted - reference.positions[known].numpy()).mean())
+    return scores
+
+
+def c2st(a: np.ndarray, b: np.ndarray, seed: int) -> float:
+    """`sample_scores.c2st_accuracy` with up to 5 folds; NaN with fewer than 2 slices a side."""
+    n = min(len(a), len(b))
+    if n < 2:
+        return float("nan")
+    return sample_scores.c2st_accuracy(a, b, folds=min(C2ST_FOLDS, n), seed=seed)
+
+
+def _matched_real(reference: RealReference, n: int, seed: int) -> np.ndarray:
+    """n real reconstructions, drawn without replacement where there are enough."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(reference.reconstructions), generator=generator)
+    return reference.reconstructions[order[:n].numpy()]

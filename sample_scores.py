@@ -1,0 +1,231 @@
+"""Scores for generated slices that can tell anatomy from texture, and their sanity baselines.
+
+- `c2st_accuracy`: a classifier two-sample test; a small CNN's held-out accuracy at telling two
+  sets of slices apart (0.5: indistinguishable, 1.0: always told apart).
+- `unigram_grids` / `chimera_grids`: code grids that must fail it. Unigram grids draw each site
+  from that position's marginal (texture without structure); chimeras join the top half of one
+  real grid to the bottom half of a real grid from a distant level (real parts, wrong anatomy).
+- A slice-position regressor (`train_position_regressor`, `predict_positions`, `features`) and
+  `frechet_distance`, the Fréchet distance between Gaussians fitted to its features.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+INPUT_SIZE = 64  # slices are area-downsampled to this: anatomy survives, training stays cheap
+FEATURES = 64  # width of the encoder's last hidden layer (the Fréchet feature space)
+THREADS = 1  # fixed, so results do not hang on the core count; 2 crawl on a busy 2-core box
+CHIMERA_MIN_GAP = 0.3  # relative slice positions of a chimera's halves differ by at least this
+SHIFT_PX = 2  # augmentation: random shifts of up to this many input pixels
+FRECHET_EPS = 1e-6  # added to the covariances' diagonals when their product's root is singular
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, threads: int = THREADS) -> Iterator[None]:
+    """Run the block with torch seeded and on `threads` threads; restore the caller's RNG and
+    thread count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def to_input(images: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """uint8 or float [0, 1] (N, H, W) slices → float32 (N, 1, size, size), centred on 0."""
+    x = torch.as_tensor(np.asarray(images))
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = F.interpolate(x.unsqueeze(1), size=(size, size), mode="area")
+    return x - 0.5
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random left-right flips and shifts of up to SHIFT_PX pixels of (B, 1, H, W) slices."""
+    # Brains are nearly left-right symmetric and framed with a black margin, so flips and
+    # small rolls keep a slice plausible; upside-down would not be.
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = torch.randint(-SHIFT_PX, SHIFT_PX + 1, (2,), generator=generator).tolist()
+    return x.roll((dy, dx), dims=(-2, -1))
+
+
+class SliceEncoder(nn.Module):
+    """(B, 1, 64, 64) slices → (B, FEATURES) features → (B,) one output per slice.
+
+    Strided convolutions down to 4×4, then a fully connected layer: flattening rather than
+    pooling keeps where each structure lies, which is what anatomy is."""
+
+    def __init__(self, size: int = INPUT_SIZE, features: int = FEATURES) -> None:
+        super().__init__()
+        widths = (1, 8, 16, 32, 64)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out),
+                       nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        cells = (size // 16) ** 2
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * cells, features),
+                                    nn.ReLU())
+        self.head = nn.Linear(features, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hidden(self.convs(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(1)
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fit(model: SliceEncoder, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss,
+        epochs: int, batch_size: int, lr: float) -> SliceEncoder:
+    """Train `model` on (x, target) with Adam and augmentation; run inside `seeded_torch`."""
+    generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            if len(batch) < 2:  # BatchNorm needs two samples
+                continue
+            loss = loss_fn(model(augment(x[batch], generator)), target[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+
+
+# ---------------------------------------------------------------- classifier two-sample test
+
+
+def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *, folds: int = 5,
+                  seed: int = 0, epochs: int = 30, batch_size: int = 32, lr: float = 3e-3,
+                  threads: int = THREADS) -> float:
+    """Held-out accuracy of a small CNN telling slices `a` from slices `b`, over `folds`
+    stratified folds; min(len(a), len(b)) slices of each, chosen with `seed`."""
+    n = min(len(a), len(b))
+    if n < folds:
+        raise ValueError(f"c2st needs at least {folds} slices per side; got {len(a)}, {len(b)}")
+    with seeded_torch(seed, threads):
+        pick = torch.Generator().manual_seed(seed)
+        x = torch.cat([to_input(np.asarray(side)[torch.randperm(len(side), generator=pick)[:n]])
+                       for side in (a, b)])
+        labels = torch.cat([torch.zeros(n), torch.ones(n)])
+        # each side's slices dealt round-robin to folds, so every fold is balanced
+        fold = torch.cat([torch.randperm(n, generator=pick) % folds for _ in range(2)])
+        correct = 0
+        for k in range(folds):
+            train, held = fold != k, fold == k
+            model = fit(SliceEncoder(), x[train], labels[train],
+                        F.binary_cross_entropy_with_logits, epochs, batch_size, lr)
+            predicted = batched(model, x[held]) > 0
+            correct += int((predicted == labels[held].bool()).sum())
+    return correct / (2 * n)
+
+
+# ---------------------------------------------------------------- baselines that must fail
+
+
+def unigram_grids(grids: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, H, W) grids with each site drawn independently from that position's code histogram
+    over `grids` (N, H, W)."""
+    # Copying site (r, c) from a uniformly chosen real grid is drawing from its histogram.
+    flat = torch.as_tensor(grids).long().flatten(1)  # (N, H·W)
+    source = torch.randint(len(flat), (n, flat.shape[1]), generator=generator)
+    sampled = flat.gather(0, source)
+    return sampled.view(n, *grids.shape[1:])
+
+
+def chimera_grids(grids: torch.Tensor, positions: np.ndarray | torch.Tensor, n: int,
+                  generator: torch.Generator, min_gap: float = CHIMERA_MIN_GAP) -> torch.Tensor:
+    """(n, H, W) grids: the top half (rows < H/2) of a real grid, the bottom half of another
+    whose relative slice position differs by at least `min_gap`."""
+    grids = torch.as_tensor(grids).long()
+    top, bottom = chimera_pairs(torch.as_tensor(positions, dtype=torch.float64), n, generator,
+                                min_gap)
+    half = grids.shape[1] // 2
+    return torch.cat([grids[top, :half], grids[bottom, half:]], dim=1)
+
+
+def chimera_pairs(positions: torch.Tensor, n: int, generator: torch.Generator,
+                  min_gap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) indices of top-half and bottom-half donors at least `min_gap` apart in position."""
+    far = (positions[:, None] - positions[None, :]).abs() >= min_gap  # (N, N)
+    partners = far.sum(1)
+    if not partners.any():
+        raise ValueError(f"No two slices lie {min_gap} apart in relative position.")
+    top = torch.multinomial((partners > 0).double(), n, replacement=True, generator=generator)
+    bottom = torch.multinomial(far[top].double(), 1, generator=generator).squeeze(1)
+    return top, bottom
+
+
+# ---------------------------------------------------------------- slice-position regressor
+
+
+def train_position_regressor(images: np.ndarray | torch.Tensor,
+                             positions: np.ndarray | torch.Tensor, *, epochs: int = 12,
+                             seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
+                             threads: int = THREADS) -> SliceEncoder:
+    """A small CNN regressing each slice's relative axial position in [0, 1]."""
+    target = torch.as_tensor(np.asarray(positions), dtype=torch.float32)
+    with seeded_torch(seed, threads):
+        return fit(SliceEncoder(), to_input(images), target, F.smooth_l1_loss, epochs,
+                   batch_size, lr)
+
+
+def predict_positions(model: SliceEncoder, images: np.ndarray | torch.Tensor,
+                      threads: int = THREADS) -> np.ndarray:
+    """(N,) predicted relative positions of (N, H, W) slices."""
+    with seeded_torch(0, threads):
+        return batched(model.eval(), to_input(images)).numpy()
+
+
+def features(model: SliceEncoder, images: np.ndarray | torch.Tensor,
+             threads: int = THREADS) -> np.ndarray:
+    """(N, FEATURES) penultimate-layer features of the regressor for (N, H, W) slices."""
+    with seeded_torch(0, threads):
+        return batched(model.eval().features, to_input(images)).numpy().astype(np.float64)
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to (N, F) and (M, F) feature sets:
+    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½)."""
+    feats_a, feats_b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    cov_a = np.atleast_2d(np.cov(feats_a, rowvar=False))
+    cov_b = np.atleast_2d(np.cov(feats_b, rowvar=False))
+    root = covariance_product_root(cov_a, cov_b)
+    distance = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root)
+    return float(max(distance, 0.0))  # rounding can take an exact 0 a hair below
+
+
+def covariance_product_root(cov_a: np.ndarray, cov_b: np.ndarray) -> np.ndarray:
+    """Real part of (Σa Σb)^½, with FRECHET_EPS on the diagonals if the product is singular."""
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():
+        offset = np.eye(len(cov_a)) * FRECHET_EPS
+        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    # a tiny imaginary part is rounding in sqrtm of a product of symmetric PSD matrices
+    return root.real

@@ -1,0 +1,131 @@
+"""sample_scores: the two-sample test sees where things are, the baselines are built as
+claimed, the Fréchet distance matches its closed form and the position regressor learns.
+
+Small 64×64 synthetic slices keep the file to seconds. Accuracies are compared with margins of
+several binomial standard deviations, never exactly, so they hold on every kernel set."""
+import numpy as np
+import pytest
+import torch
+
+from sample_scores import (
+    c2st_accuracy,
+    chimera_grids,
+    features,
+    frechet_distance,
+    predict_positions,
+    train_position_regressor,
+    unigram_grids,
+)
+
+SIZE = 64
+
+
+def blob_slices(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, 64, 64): a bright disc centred at each row (jittered sideways) on noise."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cols = SIZE / 2 + rng.uniform(-6, 6, len(rows))
+    inside = (yy - rows[:, None, None]) ** 2 + (xx - cols[:, None, None]) ** 2 < 8**2
+    images = 40 + 160 * inside + rng.normal(0, 20, inside.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def test_c2st_is_chance_on_one_distribution_and_high_on_two():
+    rng = np.random.default_rng(0)
+    centred = lambda n: blob_slices(rng.uniform(26, 38, n), rng)  # noqa: E731
+    same = c2st_accuracy(centred(40), centred(40), epochs=10, seed=0)
+    # 80 held-out answers: chance gives 0.5 ± 0.056 (one s.d.); 0.2 is over 3.5 s.d.
+    assert abs(same - 0.5) < 0.2
+    top, bottom = blob_slices(rng.uniform(14, 24, 40), rng), blob_slices(
+        rng.uniform(40, 50, 40), rng)
+    assert c2st_accuracy(top, bottom, epochs=10, seed=0) >= 0.9
+
+
+def test_c2st_is_seeded_balanced_and_leaves_torch_state_alone():
+    rng = np.random.default_rng(1)
+    a = blob_slices(rng.uniform(14, 24, 30), rng)
+    b = blob_slices(rng.uniform(40, 50, 12), rng).astype(np.float32) / 255  # floats in [0, 1]
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    first = c2st_accuracy(a, b, epochs=3, folds=3, seed=4)
+    assert first == c2st_accuracy(a, b, epochs=3, folds=3, seed=4)
+    assert first * 24 == round(first * 24)  # 12 per side were used: 24 held-out answers
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="at least 5"):
+        c2st_accuracy(a, b[:4])
+
+
+def test_unigram_grids_draw_each_site_from_its_own_marginal():
+    # site (r, c) holds code r·8 + c in some grids and r·8 + c + 100 in the others
+    n_real, h, w = 40, 4, 8
+    base = torch.arange(h * w).view(1, h, w)
+    high = torch.rand(n_real, generator=torch.Generator().manual_seed(1)) < 0.25  # per grid
+    grids = base + 100 * high.view(-1, 1, 1).long()
+    sampled = unigram_grids(grids, 4000, torch.Generator().manual_seed(0))
+    assert sampled.shape == (4000, h, w) and sampled.dtype == torch.int64
+    assert ((sampled == base) | (sampled == base + 100)).all()
+    share_high = (sampled >= 100).double().mean(0)
+    # each site's frequency, 4000 draws: s.d. ≤ 0.008, so 0.04 is five of them
+    assert torch.allclose(share_high, high.double().mean().expand(h, w), atol=0.04)
+    # sites are independent, so almost every grid mixes high and low codes; no real grid does
+    mixed = (sampled >= 100).any(dim=(1, 2)) & (sampled < 100).any(dim=(1, 2))
+    assert mixed.float().mean() > 0.9
+
+
+def test_chimera_grids_join_halves_of_two_distant_levels():
+    n_real = 12
+    grids = torch.arange(n_real).view(-1, 1, 1).expand(n_real, 8, 8)  # grid i is all i
+    positions = np.linspace(0, 1, n_real)
+    chimeras = chimera_grids(grids, positions, 200, torch.Generator().manual_seed(0))
+    assert chimeras.shape == (200, 8, 8)
+    top, bottom = chimeras[:, :4], chimeras[:, 4:]
+    assert (top == top[:, :1, :1]).all() and (bottom == bottom[:, :1, :1]).all()
+    gaps = np.abs(positions[top[:, 0, 0]] - positions[bottom[:, 0, 0]])
+    assert gaps.min() >= 0.3
+    assert len(set(top[:, 0, 0].tolist())) == n_real  # every level can be a top
+    with pytest.raises(ValueError, match="apart"):
+        chimera_grids(grids, np.full(n_real, 0.5), 4, torch.Generator())
+
+
+def test_frechet_distance_is_zero_on_itself_symmetric_and_matches_a_mean_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    scale = np.trace(np.cov(a, rowvar=False))
+    # sqrtm of Σ·Σ returns Σ up to rounding: relative 1e-6 is far above float64's
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6 * scale)
+    b = rng.normal(size=(200, 6)) * 2
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+    shift = np.array([3.0, 0, -1, 0, 0, 2])
+    # equal covariances: the trace terms cancel and ‖μa − μb‖² is left
+    assert frechet_distance(a, a + shift) == pytest.approx(shift @ shift, rel=1e-6,
+                                                           abs=1e-6 * scale)
+    assert frechet_distance(a, a + 2 * shift) > frechet_distance(a, a + shift)
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5000, 3)), rng.normal(size=(5000, 3)) * [1, 2, 3] + 1
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    sd_a, sd_b = a.std(0, ddof=1), b.std(0, ddof=1)
+    expected = np.sum((mean_a - mean_b) ** 2) + np.sum((sd_a - sd_b) ** 2)
+    # the samples' small off-diagonal covariances move the exact value by well under 2%
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(2)
+    few = rng.normal(size=(5, 16))  # 5 samples in 16 dimensions: rank 4
+    distance = frechet_distance(few, rng.normal(size=(5, 16)))
+    assert np.isfinite(distance) and distance > 0
+
+
+def test_position_regressor_learns_a_synthetic_position_signal():
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(0, 1, 240)
+    images = blob_slices(12 + 40 * positions, rng)  # the blob's row encodes the position
+    model = train_position_regressor(images[:200], positions[:200], epochs=12, seed=0)
+    predicted = predict_positions(model, images[200:])
+    assert predicted.shape == (40,)
+    # chance (predicting the mean) scores about 0.25; 0.08 is a blob row off by ~3 pixels
+    assert np.abs(predicted - positions[200:]).mean() < 0.08
+    feats = features(model, images[200:])
+    assert feats.shape == (40, 64) and np.isfinite(feats).all()
