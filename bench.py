@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import dataset
-import sampling
 from distributed import choose_device
+from inference import draw
 from modules import VQVAE, PixelCNN, PriorConfig
 from slices import IMAGE_SIZE
 
@@ -116,7 +116,7 @@ def time_sampler(cfg: PriorConfig, method: str, batch: int, seed: int, generate:
 
     def sample(grid: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device()).manual_seed(seed)
-        return sampling.sample(model, grid.to(device()), 1.0, generator, method=method).cpu()
+        return draw(model, grid.to(device()), 1.0, generator, method=method).cpu()
 
     sample(torch.full((batch, 2, 2), -1))  # warm-up: kernels, allocator
     result: dict[str, Any] = {}

@@ -24,10 +24,9 @@ from config import StageSettings
 from dataset import load_splits
 from distributed import DEVICES, choose_device
 from evaluation import to_uint8
-from inference import Run, autocast, evaluate_prior
+from inference import Run, autocast, draw, evaluate_prior
 from io_utils import RunError, load_checkpoint, write_json
 from modules import PixelCNN
-from sampling import sample
 from stages import RunOptions, make_stage, seed_everything, split_positions
 
 
@@ -105,8 +104,8 @@ def seed_style_sample_scores(run: Path, baseline: PixelCNN, indices: dict,
     reference = generation.real_reference(trained, splits["train"], splits["test"], test_grids,
                                           trained.decode(test_grids), args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    grids = sample(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device),
-                   1.0, generator).cpu()
+    grids = draw(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device), 1.0,
+                 generator).cpu()
     unknown = torch.full((args.n_samples,), float("nan"))  # the seed's prior knows no position
     scores = generation.generation_scores(to_uint8(trained.decode(grids)), unknown, reference,
                                           args.seed)

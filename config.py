@@ -135,7 +135,7 @@ class PredictSettings:
     n_inpaint: int = 8  # test images inpainted for the inpainting metrics
     gibbs_sweeps: int = 1  # full-context inpainting: Gibbs sweeps over the masked sites ...
     gibbs_proposals: int = 2  # ... each site choosing among this many drawn codes and its own
-    n_surprise: int = 16  # test images that get a synthetic lesion (--surprise)
+    n_surprise: int = 32  # test (and validation) slices that get a lesion (--surprise)
     sampler: str = "fast"  # "fast": cached, each site computed once; "naive": a pass per site
     # relative slice position (0: lowest, 1: highest) of the brains generated from scratch;
     # None: spread evenly from bottom to top

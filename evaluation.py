@@ -1,6 +1,6 @@
-"""What `predict.py --evaluate` and `--surprise` measure on a trained run: reconstructions
-(overall and per slice position), generated samples (memorisation and diversity), inpainting
-with the raster and the full-context sampler, and the prior's surprise at a synthetic lesion."""
+"""What `predict.py --evaluate` measures on a trained run: reconstructions (overall and per
+slice position), generated samples (memorisation and diversity), and inpainting with the raster
+and the full-context sampler. Sample realism is in generation.py, lesions in anomaly.py."""
 from __future__ import annotations
 
 import itertools
@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import distance_transform_edt, uniform_filter
 
 from checkpoints import load_indices
 from inference import Run, evaluate_prior
-from masks import apply_mask, given_after_holes, pixels_to_sites, sites_to_pixels
+from masks import apply_mask, given_after_holes, sites_to_pixels
 from metrics import (
     batch_scores,
     brain_mask,
@@ -29,9 +28,6 @@ from slices import SliceSet, relative_positions, slice_index
 MEMORISED_SSIM = 0.98  # samples this close to training images on average are taken for copies
 NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
 NN_CANDIDATES = 16  # ... and this many per query are then scored by SSIM
-LESION_RADIUS_PX = 8
-LESION_EDGE_PX = 1.5  # width of the lesion's soft edge
-LESION_CONTRAST = 0.7  # lesions go where the tissue around is at most this × their peak
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -57,7 +53,7 @@ def reconstruction_metrics(run: Run, test: SliceSet, indices: torch.Tensor,
     positions = relative_positions(test.names)
     metrics["prior_test_bits_per_index"] = evaluate_prior(run.prior, indices, run.device, 32,
                                                           positions)
-    brain = torch.from_numpy(_mostly_brain_sites(references, indices.shape[-1]))
+    brain = torch.from_numpy(mostly_brain_sites(references, indices.shape[-1]))
     metrics["prior_test_bits_brain"] = run.surprise(indices, positions)[brain].mean().item()
     metrics["n_test_images"] = len(test)
     by_position = per_slice_position(test.names, rows)
@@ -70,7 +66,7 @@ def brain_codebook_stats(images: np.ndarray, indices: torch.Tensor, n_codes: int
     """Codes used and perplexity at the sites that are mostly brain. Background sites are
     most of a grid and share a handful of codes, so the whole grid's perplexity says little
     about how much of the codebook's log2(K) bits per site the brain gets."""
-    sites = _mostly_brain_sites(images, indices.shape[-1])
+    sites = mostly_brain_sites(images, indices.shape[-1])
     stats = codebook_stats(indices[torch.from_numpy(sites)], n_codes)
     return {"codes_used_brain": stats["codes_used"],
             "codebook_perplexity_brain": stats["codebook_perplexity"]}
@@ -200,75 +196,7 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     return metrics, completions
 
 
-# -------------------------------------------------------------------------- surprise
-@dataclass
-class LesionStudy:
-    """Test slices without and with a synthetic lesion, images in [0, 1], and the prior's
-    surprise −log₂ p(index | earlier indices) at every site (n, grid, grid) for both."""
-    clean: np.ndarray
-    lesioned: np.ndarray
-    clean_bits: np.ndarray
-    lesion_bits: np.ndarray
-    lesion_pixels: np.ndarray  # (n, H, W) bool: within the lesion's radius
-    lesion_sites: np.ndarray  # (n, grid, grid) bool: sites whose patch the lesion touches
-    brain_sites: np.ndarray  # (n, grid, grid) bool: the other sites, mostly inside the brain
-
-
-def paste_lesion(image: np.ndarray, rng: np.random.Generator,
-                 radius: float = LESION_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
-    """A bright disc with a soft edge, at the slice's brightest value, blended into a uint8
-    (H, W) slice at a random point at least 2·radius inside the brain (where the brain allows)
-    whose surroundings are darker than the disc, so that it shows. Returns the new slice and
-    the (H, W) mask of the pixels within `radius` of the disc's centre."""
-    peak = float(image.max())
-    depth = distance_transform_edt(image > 0)
-    inside = depth >= min(2 * radius, depth.max())
-    surroundings = uniform_filter(image.astype(np.float64), size=int(2 * radius + 1))
-    darker = inside & (surroundings <= LESION_CONTRAST * peak)
-    cy, cx = rng.choice(np.argwhere(darker if darker.any() else inside))
-    yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
-    distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    weight = 1 / (1 + np.exp((distance - radius) / LESION_EDGE_PX))
-    lesioned = image * (1 - weight) + peak * weight
-    return lesioned.round().astype(np.uint8), distance <= radius
-
-
-def lesion_study(run: Run, images: torch.Tensor, seed: int,
-                 positions: torch.Tensor | None = None) -> LesionStudy:
-    """Paste a lesion into each uint8 slice (N, H, W) that shows brain, and score both
-    versions of those slices with the prior (at their relative `positions`, if known)."""
-    shows_brain = images.flatten(1).amax(1) > 0
-    images = images[shows_brain]
-    positions = None if positions is None else positions[shows_brain]
-    rng = np.random.default_rng(seed)
-    lesioned, lesion_pixels = zip(*(paste_lesion(image, rng) for image in images.numpy()),
-                                  strict=True)
-    lesioned_images = torch.from_numpy(np.stack(lesioned))
-    clean_indices, lesion_indices = run.encode(images), run.encode(lesioned_images)
-    grid = clean_indices.shape[-1]
-    clean = run.to_unit(images)
-    lesion_sites = np.stack([pixels_to_sites(m, grid) for m in lesion_pixels])
-    brain_sites = _mostly_brain_sites(clean, grid)
-    return LesionStudy(
-        clean=clean, lesioned=run.to_unit(lesioned_images),
-        clean_bits=run.surprise(clean_indices, positions).numpy(),
-        lesion_bits=run.surprise(lesion_indices, positions).numpy(),
-        lesion_pixels=np.stack(lesion_pixels), lesion_sites=lesion_sites,
-        brain_sites=brain_sites & ~lesion_sites)
-
-
-def surprise_metrics(study: LesionStudy) -> dict[str, float]:
-    """Mean surprise (bits) at the lesion's sites, at the same sites without the lesion, and
-    at the rest of the brain (lesioned slices)."""
-    return {
-        "surprise_lesion_bits": float(study.lesion_bits[study.lesion_sites].mean()),
-        "surprise_lesion_sites_clean_bits": float(study.clean_bits[study.lesion_sites].mean()),
-        "surprise_brain_bits": float(study.lesion_bits[study.brain_sites].mean()),
-        "surprise_n_images": len(study.clean),
-    }
-
-
-def _mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:
+def mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:
     """(N, H, W) or (N, 1, H, W) images → (N, grid, grid) bool: sites whose patch is at
     least half brain."""
     images = images.reshape(-1, *images.shape[-2:])

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import evaluation
+from anomaly import LesionStudy
 from evaluation import to_uint8
 from inference import Run
 from masks import apply_mask, sites_to_pixels
@@ -85,7 +86,7 @@ def figure_scores_by_slice(per_slice: dict[str, dict], path: Path) -> None:
     }, path, "test reconstructions by slice position", "slice index")
 
 
-def figure_surprise(study: evaluation.LesionStudy, n: int, path: Path) -> None:
+def figure_surprise(study: LesionStudy, n: int, path: Path) -> None:
     """Slices without and with a lesion (outlined in both), each beside its per-site surprise."""
     images = [[clean, clean, lesioned, lesioned]
               for clean, lesioned in zip(study.clean[:n], study.lesioned[:n], strict=True)]
@@ -95,6 +96,15 @@ def figure_surprise(study: evaluation.LesionStudy, n: int, path: Path) -> None:
     save_heatmap_grid(images, heat, path, ["test slice", "surprise", "with lesion", "surprise"],
                       vmax=vmax, label="−log₂ p(index | earlier) [bits]",
                       outlines=list(study.lesion_pixels[:n]))
+
+
+def figure_healing(study: LesionStudy, maps: np.ndarray, n: int, path: Path) -> None:
+    """Slices with a lesion (outlined), and their anomaly maps by healing."""
+    images = [[lesioned, lesioned] for lesioned in study.lesioned[:n]]
+    heat = [[None, m] for m in maps[:n]]
+    save_heatmap_grid(images, heat, path, ["with lesion", "|input − healed|"],
+                      vmax=float(np.percentile(maps, 99.9)) or 1.0,
+                      label="anomaly (intensity)", outlines=list(study.lesion_pixels[:n]))
 
 
 def _rows(items: list[np.ndarray], per_row: int) -> list[list[np.ndarray]]:

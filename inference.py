@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from checkpoints import checkpoint_path, load_prior, load_vqvae
 from dataset import Normalisation
 from distributed import all_reduce_sum, shard
+from graph_sampler import sample_with_cuda_graph
 from io_utils import RunError
 from masks import given_after_holes
 from modules import VQVAE, PixelCNN, bits
@@ -38,6 +39,16 @@ def encode_images(model: VQVAE, images: torch.Tensor, norm: Normalisation,
     out = [model.image_to_indices(to_model_input(images[b], norm, device)).cpu()
            for b in torch.arange(len(images)).split(batch_size)]
     return torch.cat(out).to(torch.int16)
+
+
+def draw(prior: PixelCNN, indices: torch.Tensor, temperature: float,
+         generator: torch.Generator | None, method: str = "fast",
+         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """`sampling.sample`, replayed as a CUDA graph where that gives the same grids faster: the
+    fast method on a GPU, for a prior without slice-position conditioning."""
+    if method == "fast" and indices.is_cuda and prior.slice_embedding is None:
+        return sample_with_cuda_graph(prior, indices, temperature, generator)
+    return sample(prior, indices, temperature, generator, method=method, positions=positions)
 
 
 @torch.no_grad()
@@ -87,8 +98,8 @@ class Run:
         """Fill the −1 entries of (B, 32, 32) `indices`, at (B,) relative slice `positions`."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         where = None if positions is None else positions.to(self.device)
-        return sample(self.prior, indices.to(self.device), temperature, generator,
-                      method=self.sampler, positions=where).cpu()
+        return draw(self.prior, indices.to(self.device), temperature, generator,
+                    method=self.sampler, positions=where).cpu()
 
     def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
                 proposals: int, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +137,7 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = 1
     is returned. `positions` (B,): relative slice positions, for a conditioned prior.
     """
     holes = indices == -1
-    grids = sample(prior, indices, temperature, generator, method=sampler, positions=positions)
+    grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
     if sweeps < 1 or not given_after_holes(holes).any():
         return grids
     if positions is None:

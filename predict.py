@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+import anomaly
 import config
 import dataset
 import evaluation
@@ -30,6 +31,7 @@ from evaluation import evenly_spaced, to_uint8
 from figures import (
     figure_generated,
     figure_generated_stack,
+    figure_healing,
     figure_inpainting,
     figure_inpainting_methods,
     figure_reconstructions,
@@ -78,14 +80,22 @@ def evaluate(run: Run, train: SliceSet, test: SliceSet, indices: torch.Tensor,
     return metrics
 
 
-def lesion_surprise(run: Run, test: SliceSet, args: argparse.Namespace,
+def lesion_surprise(run: Run, validate: SliceSet, test: SliceSet, args: argparse.Namespace,
                     out: Path) -> dict:
-    """The synthetic-lesion study: surprise.json in the run, and its figure."""
-    chosen = evenly_spaced(len(test), args.n_surprise)
-    study = _timed("surprise", evaluation.lesion_study, run, test.images[chosen], args.seed,
-                   relative_positions(test.names)[chosen])
+    """The synthetic-lesion study: surprise and anomaly maps by healing (settings chosen on
+    the validation split), surprise.json in the run, and their figures."""
+    studies = {}
+    for name, split in (("validate", validate), ("test", test)):
+        chosen = evenly_spaced(len(split), args.n_surprise)
+        studies[name] = _timed(f"surprise ({name})", anomaly.lesion_study, run,
+                               split.images[chosen], args.seed,
+                               relative_positions(split.names)[chosen])
+    study = studies["test"]
     figure_surprise(study, min(args.n_show, 4), out / "surprise.png")
-    metrics = evaluation.surprise_metrics(study)
+    healing, maps = _timed("healing", anomaly.healing_metrics, run, study,
+                           studies["validate"], args.seed)
+    figure_healing(study, maps, min(args.n_show, 4), out / "healing.png")
+    metrics = {**anomaly.surprise_metrics(study), **healing}
     write_json(metrics, run.path / "surprise.json")
     return metrics
 
@@ -121,8 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write every test reconstruction there as an 8-bit PNG, named as its "
                         "input")
     p.add_argument("--surprise", action="store_true",
-                   help="surprise maps of test slices with a synthetic lesion: "
-                        "figures/surprise.png and surprise.json")
+                   help="surprise and anomaly maps (by healing) of slices with a synthetic "
+                        "lesion: figures/surprise.png, figures/healing.png, surprise.json")
     p.add_argument("--n-show", type=int, default=d.n_show,
                    help="test images in the reconstruction and inpainting figures")
     p.add_argument("--n-samples", type=int, default=d.n_samples,
@@ -136,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PixelCNN sampler: cached (fast) or a forward pass per site (naive, "
                         "the reference); both give the same grids")
     p.add_argument("--n-eval-samples", type=int, default=d.n_eval_samples,
-                   help="generated brains scored for memorisation and diversity")
+                   help="generated brains scored for realism, memorisation and diversity")
     p.add_argument("--n-inpaint", type=int, default=d.n_inpaint,
                    help="test images inpainted for the inpainting metrics")
     p.add_argument("--gibbs-sweeps", type=int, default=d.gibbs_sweeps,
@@ -144,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gibbs-proposals", type=int, default=d.gibbs_proposals,
                    help="full-context inpainting: codes drawn per site and update")
     p.add_argument("--n-surprise", type=int, default=d.n_surprise,
-                   help="test slices that get a lesion for --surprise")
+                   help="test (and validation) slices that get a lesion for --surprise")
     args = p.parse_args(argv)
     for flag in ("n_eval_samples", "n_inpaint", "gibbs_proposals", "n_surprise"):
         if getattr(args, flag) < 1:
@@ -184,7 +194,10 @@ def run_predict(args: argparse.Namespace) -> Path:
     run = Run(Path(args.run), choose_device(args.device), args.sampler)
     report_settings(run.path, args.settings)
     root = Path(args.data) if args.data else run.data_root
-    wanted = ("train", "test") if args.evaluate else ("test",)  # train: the position regressor
+    # train: the position regressor; validate: the healing's settings
+    wanted = tuple(split for split, needed in (("train", args.evaluate),
+                                                ("validate", args.surprise), ("test", True))
+                   if needed)
     splits = dataset.load_splits(root, splits=wanted, spacing=run.spacing)
     test = splits["test"]
     out = run.path / "figures"
@@ -207,7 +220,7 @@ def run_predict(args: argparse.Namespace) -> Path:
     metrics = (evaluate(run, splits["train"], test, indices, reconstructions, args, out)
                if args.evaluate else {})
     if args.surprise:
-        metrics.update(lesion_surprise(run, test, args, out))
+        metrics.update(lesion_surprise(run, splits["validate"], test, args, out))
     print(f"figures in {out}")
     if args.evaluate:
         write_json(metrics, run.path / "metrics.json")

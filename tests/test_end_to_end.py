@@ -142,7 +142,12 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
     assert metrics["inpaint_centre_square_full_context_bits"] > 0
     surprise = json.loads((run / "surprise.json").read_text())
     assert set(surprise) == {"surprise_lesion_bits", "surprise_lesion_sites_clean_bits",
-                             "surprise_brain_bits", "surprise_n_images"}
+                             "surprise_brain_bits", "surprise_n_images", "lesion_auprc",
+                             "lesion_dice", "lesion_auprc_random_map",
+                             "lesion_auprc_true_difference", "heal_threshold_bits",
+                             "heal_pixel_level"}
+    assert (run / "figures" / "healing.png").stat().st_size > 0
+    assert surprise["lesion_auprc_true_difference"] > surprise["lesion_auprc_random_map"]
     assert all(metrics[key] == value for key, value in surprise.items())
     assert surprise["surprise_lesion_bits"] > 0 and surprise["surprise_n_images"] == 2
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import anomaly
 import evaluation
 import inference
 import masks
@@ -145,13 +146,13 @@ def _brain(size=256, value=120):
 
 def test_lesion_is_a_bright_disc_inside_the_brain():
     image = _brain()
-    lesioned, mask = evaluation.paste_lesion(image, np.random.default_rng(0))
-    assert abs(mask.sum() - math.pi * evaluation.LESION_RADIUS_PX ** 2) < 30
+    lesioned, mask = anomaly.paste_lesion(image, np.random.default_rng(0))
+    assert abs(mask.sum() - math.pi * anomaly.LESION_RADIUS_PX ** 2) < 30
     assert (image[mask] > 0).all()  # inside the brain
     assert lesioned[mask].mean() > 200 and lesioned.max() <= 230
     cy, cx = np.argwhere(mask).mean(0)
     yy, xx = np.ogrid[:256, :256]
-    far = np.hypot(yy - cy, xx - cx) > 2.5 * evaluation.LESION_RADIUS_PX
+    far = np.hypot(yy - cy, xx - cx) > 2.5 * anomaly.LESION_RADIUS_PX
     assert np.array_equal(lesioned[far], image[far])
 
 
@@ -186,8 +187,8 @@ def test_demo_prior_is_surprised_by_a_lesion():
     if not root.is_dir():
         pytest.skip(f"demo data {root} not built")
     test = dataset.load_split(dataset.find_split_dirs(root)["test"])
-    study = evaluation.lesion_study(run, test.images[evaluation.evenly_spaced(len(test), 8)], 0)
-    scores = evaluation.surprise_metrics(study)
+    study = anomaly.lesion_study(run, test.images[evaluation.evenly_spaced(len(test), 8)], 0)
+    scores = anomaly.surprise_metrics(study)
     assert scores["surprise_lesion_bits"] > scores["surprise_brain_bits"]
 
 
@@ -225,3 +226,21 @@ def test_brain_codebook_stats_count_only_the_sites_that_are_mostly_brain():
     stats = evaluation.brain_codebook_stats(images, indices, n_codes=16)
     assert stats["codes_used_brain"] == 4
     assert math.isclose(stats["codebook_perplexity_brain"], 4.0, rel_tol=1e-9)
+
+
+def test_average_precision_is_one_for_a_perfect_map_and_the_prevalence_for_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.random((4, 64, 64)) < 0.05
+    assert anomaly.average_precision(labels.astype(float) + 0.1 * rng.random(labels.shape),
+                                     labels) == 1.0
+    noise = anomaly.average_precision(rng.random(labels.shape), labels)
+    assert abs(noise - labels.mean()) < 0.02
+    assert anomaly.average_precision(-labels.astype(float), labels) < noise
+
+
+def test_dice_and_the_level_that_maximises_it():
+    labels = np.zeros((1, 10, 10), bool)
+    labels[0, :5] = True
+    assert anomaly.dice(labels, labels) == 1.0 and anomaly.dice(~labels, labels) == 0.0
+    maps = np.where(labels, 2.0, 1.0)
+    assert anomaly.dice(maps > anomaly.best_dice_level(maps, labels), labels) == 1.0
