@@ -6,11 +6,15 @@
   from that position's marginal (texture without structure); chimeras join the top half of one
   real grid to the bottom half of a real grid from a distant level (real parts, wrong anatomy).
 - A slice-position regressor (`train_position_regressor`, `predict_positions`, `features`) and
-  `frechet_distance`, the Fréchet distance between Gaussians fitted to its features.
+  `frechet_distance`, the Fréchet distance between Gaussians fitted to its features (the FID
+  formula in this regressor's feature space, not Inception's: not comparable with FIDs).
+
+Everything trains on CPU in seconds: slices are area-downsampled to 64×64 first.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -21,9 +25,9 @@ from scipy import linalg
 
 INPUT_SIZE = 64  # slices are area-downsampled to this: anatomy survives, training stays cheap
 FEATURES = 64  # width of the encoder's last hidden layer (the Fréchet feature space)
-THREADS = 1  # fixed, so results do not hang on the core count; 2 crawl on a busy 2-core box
+# Fixed, so that results do not depend on the machine; and two threads crawl on a busy 2-core box.
+THREADS = 1
 CHIMERA_MIN_GAP = 0.3  # relative slice positions of a chimera's halves differ by at least this
-SHIFT_PX = 2  # augmentation: random shifts of up to this many input pixels
 FRECHET_EPS = 1e-6  # added to the covariances' diagonals when their product's root is singular
 
 
@@ -31,17 +35,23 @@ FRECHET_EPS = 1e-6  # added to the covariances' diagonals when their product's r
 
 
 @contextlib.contextmanager
-def seeded_torch(seed: int, threads: int = THREADS) -> Iterator[None]:
-    """Run the block with torch seeded and on `threads` threads; restore the caller's RNG and
-    thread count afterwards."""
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block on `threads` torch threads, then restore the caller's setting."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, threads: int) -> Iterator[None]:
+    """Run the block on `threads` threads with torch's RNG seeded; the caller's RNG state is
+    restored afterwards."""
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def to_input(images: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
@@ -50,16 +60,6 @@ def to_input(images: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     x = F.interpolate(x.unsqueeze(1), size=(size, size), mode="area")
     return x - 0.5
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random left-right flips and shifts of up to SHIFT_PX pixels of (B, 1, H, W) slices."""
-    # Brains are nearly left-right symmetric and framed with a black margin, so flips and
-    # small rolls keep a slice plausible; upside-down would not be.
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    dy, dx = torch.randint(-SHIFT_PX, SHIFT_PX + 1, (2,), generator=generator).tolist()
-    return x.roll((dy, dx), dims=(-2, -1))
 
 
 class SliceEncoder(nn.Module):
@@ -93,17 +93,19 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def fit(model: SliceEncoder, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss,
         epochs: int, batch_size: int, lr: float) -> SliceEncoder:
-    """Train `model` on (x, target) with Adam and augmentation; run inside `seeded_torch`."""
-    generator = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    """Train `model` on (x, target) with Adam and a one-cycle schedule; run inside `seeded_torch`.
+
+    No augmentation: on the demo set, flips and 2-pixel shifts lowered the two-sample test's
+    held-out accuracy on chimeras (0.84–0.90 against 0.90–0.91 without)."""
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(x) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps)
     model.train()
     for _ in range(epochs):
-        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+        for batch in torch.randperm(len(x)).split(batch_size):
             if len(batch) < 2:  # BatchNorm needs two samples
                 continue
-            loss = loss_fn(model(augment(x[batch], generator)), target[batch])
+            loss = loss_fn(model(x[batch]), target[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -130,8 +132,7 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
         raise ValueError(f"c2st needs at least {folds} slices per side; got {len(a)}, {len(b)}")
     with seeded_torch(seed, threads):
         pick = torch.Generator().manual_seed(seed)
-        x = torch.cat([to_input(np.asarray(side)[torch.randperm(len(side), generator=pick)[:n]])
-                       for side in (a, b)])
+        x = torch.cat([to_input(random_subset(side, n, pick)) for side in (a, b)])
         labels = torch.cat([torch.zeros(n), torch.ones(n)])
         # each side's slices dealt round-robin to folds, so every fold is balanced
         fold = torch.cat([torch.randperm(n, generator=pick) % folds for _ in range(2)])
@@ -143,6 +144,13 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
             predicted = batched(model, x[held]) > 0
             correct += int((predicted == labels[held].bool()).sum())
     return correct / (2 * n)
+
+
+def random_subset(images: np.ndarray | torch.Tensor, n: int,
+                  generator: torch.Generator) -> np.ndarray:
+    """`n` of `images` (N, H, W), drawn without replacement."""
+    chosen = torch.randperm(len(images), generator=generator)[:n].numpy()
+    return np.asarray(images)[chosen]
 
 
 # ---------------------------------------------------------------- baselines that must fail
@@ -185,33 +193,37 @@ def chimera_pairs(positions: torch.Tensor, n: int, generator: torch.Generator,
 
 
 def train_position_regressor(images: np.ndarray | torch.Tensor,
-                             positions: np.ndarray | torch.Tensor, *, epochs: int = 12,
-                             seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
+                             positions: np.ndarray | torch.Tensor, *, epochs: int = 15,
+                             seed: int = 0, batch_size: int = 32, lr: float = 1e-2,
                              threads: int = THREADS) -> SliceEncoder:
     """A small CNN regressing each slice's relative axial position in [0, 1]."""
+    # L1 at lr 1e-2: held-out MAE on the demo set 0.037, against 0.040 (MSE) and 0.045
+    # (smooth L1 at 3e-3), for the same 15 epochs
     target = torch.as_tensor(np.asarray(positions), dtype=torch.float32)
     with seeded_torch(seed, threads):
-        return fit(SliceEncoder(), to_input(images), target, F.smooth_l1_loss, epochs,
-                   batch_size, lr)
+        return fit(SliceEncoder(), to_input(images), target, F.l1_loss, epochs, batch_size, lr)
 
 
 def predict_positions(model: SliceEncoder, images: np.ndarray | torch.Tensor,
                       threads: int = THREADS) -> np.ndarray:
     """(N,) predicted relative positions of (N, H, W) slices."""
-    with seeded_torch(0, threads):
+    with torch_threads(threads):
         return batched(model.eval(), to_input(images)).numpy()
 
 
 def features(model: SliceEncoder, images: np.ndarray | torch.Tensor,
              threads: int = THREADS) -> np.ndarray:
     """(N, FEATURES) penultimate-layer features of the regressor for (N, H, W) slices."""
-    with seeded_torch(0, threads):
+    with torch_threads(threads):
         return batched(model.eval().features, to_input(images)).numpy().astype(np.float64)
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to (N, F) and (M, F) feature sets:
-    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½)."""
+    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½).
+
+    Estimated from samples it is biased upwards, more so for fewer samples: compare distances
+    only at equal sizes, and against two real sets of that size."""
     feats_a, feats_b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a = np.atleast_2d(np.cov(feats_a, rowvar=False))
@@ -223,7 +235,14 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def covariance_product_root(cov_a: np.ndarray, cov_b: np.ndarray) -> np.ndarray:
     """Real part of (Σa Σb)^½, with FRECHET_EPS on the diagonals if the product is singular."""
-    root = linalg.sqrtm(cov_a @ cov_b)
+    # Dead ReLU units and fewer samples than features make singular covariances; sqrtm then
+    # warns, or returns NaNs, and the offset costs about FRECHET_EPS · F in the distance.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        try:
+            root = linalg.sqrtm(cov_a @ cov_b)
+        except linalg.LinAlgWarning:
+            root = np.full_like(cov_a, np.nan)
     if not np.isfinite(root).all():
         offset = np.eye(len(cov_a)) * FRECHET_EPS
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -3,6 +3,8 @@ claimed, the Fréchet distance matches its closed form and the position regresso
 
 Small 64×64 synthetic slices keep the file to seconds. Accuracies are compared with margins of
 several binomial standard deviations, never exactly, so they hold on every kernel set."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -114,8 +116,14 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
 def test_frechet_distance_survives_singular_covariances():
     rng = np.random.default_rng(2)
     few = rng.normal(size=(5, 16))  # 5 samples in 16 dimensions: rank 4
-    distance = frechet_distance(few, rng.normal(size=(5, 16)))
+    dead = np.c_[rng.normal(size=(50, 3)), np.zeros((50, 2))]  # two dead units
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's singular-matrix warning is handled, not shown
+        distance = frechet_distance(few, rng.normal(size=(5, 16)))
+        shifted = frechet_distance(dead, dead + 1)
     assert np.isfinite(distance) and distance > 0
+    # the eps offset on the diagonals moves the exact 5 by about 2·eps per dimension
+    assert shifted == pytest.approx(5, abs=1e-4)
 
 
 def test_position_regressor_learns_a_synthetic_position_signal():
