@@ -99,9 +99,10 @@ def seed_style_sample_scores(run: Path, baseline: PixelCNN, indices: dict,
     """generation.py's scores of the seed-style prior's samples (decoded by the run's VQ-VAE),
     against the same real reference `predict.py --evaluate` uses."""
     trained = Run(run, device)
-    splits = load_splits(trained.data_root, splits=("train", "test"), spacing=trained.spacing)
+    splits = load_splits(trained.data_root, spacing=trained.spacing)
     test_grids = indices["test"].long()
-    reference = generation.real_reference(trained, splits["train"], splits["test"], test_grids,
+    reference = generation.real_reference(trained, splits["train"], splits["validate"],
+                                          splits["test"], test_grids,
                                           trained.decode(test_grids), args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     grids = draw(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device), 1.0,

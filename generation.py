@@ -2,8 +2,10 @@
 beside a case that must score well and cases that must score badly:
 
 - `c2st_accuracy`: a classifier two-sample test, generated slices against VQ-VAE
-  reconstructions of held-out test slices (both through the same decoder); 0.5 = alike.
-  `c2st_real_vs_real` (two halves of the test reconstructions) must sit near 0.5,
+  reconstructions of held-out test slices (both through the same decoder); 0.5 = alike. Its
+  folds keep each subject's real slices together (neighbouring slices are near-duplicates).
+  `c2st_real_vs_real` (validation against test reconstructions: other subjects, same
+  distribution) must sit near 0.5,
   `c2st_unigram` (each site drawn from its position's code histogram) and `c2st_chimera` (top
   half of one real grid, bottom half of a real grid from another level) near 1.
 - `sample_fd`: Fréchet distance in the feature space of a slice-position regressor trained on
@@ -20,7 +22,7 @@ import torch
 import sample_scores
 from evaluation import to_uint8
 from inference import Run
-from slices import SliceSet, relative_positions
+from slices import SliceSet, case_id, relative_positions
 
 C2ST_FOLDS = 5
 
@@ -30,21 +32,31 @@ class RealReference:
     """What generated slices are scored against: held-out real slices (as reconstructions) and
     a position regressor trained on the training split."""
     reconstructions: np.ndarray  # uint8 (N, H, W): the test split through the VQ-VAE
+    cases: np.ndarray  # (N,) each slice's case or volume: the two-sample test's folds keep them
+    other: np.ndarray  # uint8 (M, H, W): the validation split through the VQ-VAE, other subjects
+    other_cases: np.ndarray  # (M,)
     positions: torch.Tensor  # (N,) relative slice positions (NaN: unknown)
     grids: torch.Tensor  # (N, 32, 32) the test split's code grids
     regressor: sample_scores.SliceEncoder | None  # None where no training slice has a position
 
 
-def real_reference(run: Run, train: SliceSet, test: SliceSet, test_grids: torch.Tensor,
-                   test_reconstructions: np.ndarray, seed: int) -> RealReference:
+def real_reference(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet,
+                   test_grids: torch.Tensor, test_reconstructions: np.ndarray,
+                   seed: int) -> RealReference:
     train_positions = relative_positions(train.names)
     known = train_positions.isfinite()
     regressor = None
     if known.sum() >= 2:
         regressor = sample_scores.train_position_regressor(
             train.images[known].numpy(), train_positions[known].numpy(), seed=seed)
-    return RealReference(to_uint8(test_reconstructions), relative_positions(test.names),
-                         test_grids, regressor)
+    other = to_uint8(run.decode(run.encode(validate.images)))
+    return RealReference(to_uint8(test_reconstructions), _cases(test.names), other,
+                         _cases(validate.names), relative_positions(test.names), test_grids,
+                         regressor)
+
+
+def _cases(names: list[str]) -> np.ndarray:
+    return np.array([case_id(name) or name for name in names])
 
 
 def sample_positions(reference: RealReference, n: int, seed: int) -> torch.Tensor:
@@ -59,8 +71,8 @@ def generation_scores(samples: np.ndarray, positions: torch.Tensor,
                       reference: RealReference, seed: int) -> dict[str, float]:
     """c2st, Fréchet distance and position error of uint8 generated slices (N, H, W) that were
     generated at `positions` (N,)."""
-    real = _matched_real(reference, len(samples), seed)
-    scores = {"c2st_accuracy": c2st(samples, real, seed=seed)}
+    real, cases = _matched_real(reference, len(samples), seed)
+    scores = {"c2st_accuracy": c2st(samples, real, seed, groups_b=cases)}
     if reference.regressor is not None:
         features = sample_scores.features(reference.regressor, samples)
         scores["sample_fd"] = sample_scores.frechet_distance(
@@ -75,25 +87,25 @@ def generation_scores(samples: np.ndarray, positions: torch.Tensor,
 
 def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor, n: int,
                   seed: int) -> dict[str, float]:
-    """The same scores where the answer is known: real against real (c2st ≈ 0.5), and two
-    kinds of fakes that a test with power must catch (c2st ≈ 1)."""
-    recon = reference.reconstructions
-    halves = recon[0::2], recon[1::2]
-    scores = {"c2st_real_vs_real": c2st(*halves, seed=seed)}
+    """The same scores where the answer is known: real against real (validation against test
+    subjects: c2st ≈ 0.5), and two kinds of fakes that a test with power must catch (≈ 1)."""
+    recon, cases = reference.reconstructions, reference.cases
+    scores = {"c2st_real_vs_real": c2st(reference.other, recon, seed, reference.other_cases,
+                                        cases)}
     generator = torch.Generator().manual_seed(seed)
     unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
-    real = _matched_real(reference, n, seed)
-    scores["c2st_unigram"] = c2st(unigram, real, seed=seed)
+    real, real_cases = _matched_real(reference, n, seed)
+    scores["c2st_unigram"] = c2st(unigram, real, seed, groups_b=real_cases)
     known = reference.positions.isfinite()
     if known.sum() >= 2:
         chimeras = sample_scores.chimera_grids(reference.grids[known],
                                                reference.positions[known], n, generator)
-        scores["c2st_chimera"] = c2st(
-            to_uint8(run.decode(chimeras)), real, seed=seed)
+        scores["c2st_chimera"] = c2st(to_uint8(run.decode(chimeras)), real, seed,
+                                      groups_b=real_cases)
     if reference.regressor is not None:
         regressor = reference.regressor
         scores["sample_fd_real_vs_real"] = sample_scores.frechet_distance(
-            *(sample_scores.features(regressor, half) for half in halves))
+            *(sample_scores.features(regressor, side) for side in (reference.other, recon)))
         scores["sample_fd_unigram"] = sample_scores.frechet_distance(
             sample_scores.features(regressor, unigram), sample_scores.features(regressor, real))
         if known.any():
@@ -103,16 +115,21 @@ def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor,
     return scores
 
 
-def c2st(a: np.ndarray, b: np.ndarray, seed: int) -> float:
-    """`sample_scores.c2st_accuracy` with up to 5 folds; NaN with fewer than 2 slices a side."""
+def c2st(a: np.ndarray, b: np.ndarray, seed: int, groups_a: np.ndarray | None = None,
+         groups_b: np.ndarray | None = None) -> float:
+    """`sample_scores.c2st_accuracy` with up to 5 folds, real slices kept in folds by subject;
+    NaN with fewer than 2 slices a side."""
     n = min(len(a), len(b))
     if n < 2:
         return float("nan")
-    return sample_scores.c2st_accuracy(a, b, folds=min(C2ST_FOLDS, n), seed=seed)
+    return sample_scores.c2st_accuracy(a, b, folds=min(C2ST_FOLDS, n), seed=seed,
+                                       groups_a=groups_a, groups_b=groups_b)
 
 
-def _matched_real(reference: RealReference, n: int, seed: int) -> np.ndarray:
-    """n real reconstructions, drawn without replacement where there are enough."""
+def _matched_real(reference: RealReference, n: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n real reconstructions, drawn without replacement where there are enough, and their
+    cases."""
     generator = torch.Generator().manual_seed(seed + 1)
-    order = torch.randperm(len(reference.reconstructions), generator=generator)
-    return reference.reconstructions[order[:n].numpy()]
+    order = torch.randperm(len(reference.reconstructions), generator=generator)[:n].numpy()
+    return reference.reconstructions[order], reference.cases[order]

@@ -50,15 +50,15 @@ RUN_DIR = "runs/demo"
 # -----------------------------------------------------------------------------------------------
 
 
-def evaluate(run: Run, train: SliceSet, test: SliceSet, indices: torch.Tensor,
+def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indices: torch.Tensor,
              reconstructions: np.ndarray, args: argparse.Namespace, out: Path) -> dict:
     """metrics.json's contents, and the figures that go with them."""
     metrics = _timed("reconstructions", evaluation.reconstruction_metrics, run, test, indices,
                      reconstructions)
     if "per_slice_position" in metrics:
         figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
-    reference = _timed("position regressor", generation.real_reference, run, train, test,
-                       indices, reconstructions, args.seed)
+    reference = _timed("position regressor", generation.real_reference, run, train, validate,
+                       test, indices, reconstructions, args.seed)
     positions = generation.sample_positions(reference, args.n_eval_samples, args.seed)
     grids = run.sample(torch.full((len(positions), 32, 32), -1), args.temperature, args.seed,
                        positions)
@@ -194,10 +194,9 @@ def run_predict(args: argparse.Namespace) -> Path:
     run = Run(Path(args.run), choose_device(args.device), args.sampler)
     report_settings(run.path, args.settings)
     root = Path(args.data) if args.data else run.data_root
-    # train: the position regressor; validate: the healing's settings
-    wanted = tuple(split for split, needed in (("train", args.evaluate),
-                                                ("validate", args.surprise), ("test", True))
-                   if needed)
+    # train: the position regressor; validate: real-vs-real scores and the healing's settings
+    wanted = ("train", "validate", "test") if args.evaluate else \
+        ("validate", "test") if args.surprise else ("test",)
     splits = dataset.load_splits(root, splits=wanted, spacing=run.spacing)
     test = splits["test"]
     out = run.path / "figures"
@@ -217,8 +216,8 @@ def run_predict(args: argparse.Namespace) -> Path:
         reconstructions = run.decode(indices)
     if args.reconstruct_dir:
         write_reconstructions(test.names, reconstructions, args.reconstruct_dir)
-    metrics = (evaluate(run, splits["train"], test, indices, reconstructions, args, out)
-               if args.evaluate else {})
+    metrics = (evaluate(run, splits["train"], splits["validate"], test, indices,
+                        reconstructions, args, out) if args.evaluate else {})
     if args.surprise:
         metrics.update(lesion_surprise(run, splits["validate"], test, args, out))
     print(f"figures in {out}")

@@ -8,6 +8,9 @@
 - A slice-position regressor (`train_position_regressor`, `predict_positions`, `features`) and
   `frechet_distance`, the Fréchet distance between Gaussians fitted to its features (the FID
   formula in this regressor's feature space, not Inception's: not comparable with FIDs).
+- `half_level_gap`: how far apart the levels read from a slice's top and bottom halves are,
+  by two such regressors (`train_half_regressors`); a check of anatomy with its own training
+  data, so it keeps its power where a two-sample test on 64 slices a side has little.
 
 Everything trains on CPU in seconds: slices are area-downsampled to 64×64 first.
 """
@@ -124,21 +127,32 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *, folds: int = 5,
                   seed: int = 0, epochs: int = 30, batch_size: int = 32, lr: float = 3e-3,
-                  threads: int = THREADS) -> float:
+                  threads: int = THREADS, groups_a: np.ndarray | None = None,
+                  groups_b: np.ndarray | None = None) -> float:
     """Held-out accuracy of a small CNN telling slices `a` from slices `b`, over `folds`
-    stratified folds; min(len(a), len(b)) slices of each, chosen with `seed`."""
+    folds; min(len(a), len(b)) slices of each, chosen with `seed`. `groups_a` / `groups_b`
+    (one label per slice, e.g. its subject) keep each group in one fold: neighbouring slices
+    of one subject are near-duplicates, and split between training and held-out data they
+    would let the classifier recognise slices instead of telling the sides apart."""
     n = min(len(a), len(b))
     if n < folds:
         raise ValueError(f"c2st needs at least {folds} slices per side; got {len(a)}, {len(b)}")
     with seeded_torch(seed, threads):
         pick = torch.Generator().manual_seed(seed)
-        x = torch.cat([to_input(random_subset(side, n, pick)) for side in (a, b)])
+        chosen = [torch.randperm(len(side), generator=pick)[:n].numpy() for side in (a, b)]
+        x = torch.cat([to_input(np.asarray(side)[rows])
+                       for side, rows in zip((a, b), chosen, strict=True)])
         labels = torch.cat([torch.zeros(n), torch.ones(n)])
-        # each side's slices dealt round-robin to folds, so every fold is balanced
-        fold = torch.cat([torch.randperm(n, generator=pick) % folds for _ in range(2)])
+        fold_of = group_folds([g for g in (groups_a, groups_b) if g is not None], folds, pick)
+        fold = torch.cat([
+            torch.randperm(n, generator=pick) % folds if groups is None  # balanced folds
+            else torch.tensor([fold_of[g] for g in np.asarray(groups)[rows]])
+            for groups, rows in zip((groups_a, groups_b), chosen, strict=True)])
         correct = 0
         for k in range(folds):
             train, held = fold != k, fold == k
+            if not held.any():  # fewer groups than folds
+                continue
             model = fit(SliceEncoder(), x[train], labels[train],
                         F.binary_cross_entropy_with_logits, epochs, batch_size, lr)
             predicted = batched(model, x[held]) > 0
@@ -146,11 +160,12 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
     return correct / (2 * n)
 
 
-def random_subset(images: np.ndarray | torch.Tensor, n: int,
-                  generator: torch.Generator) -> np.ndarray:
-    """`n` of `images` (N, H, W), drawn without replacement."""
-    chosen = torch.randperm(len(images), generator=generator)[:n].numpy()
-    return np.asarray(images)[chosen]
+def group_folds(groups: list[np.ndarray], folds: int, generator: torch.Generator) -> dict:
+    """A fold for every group named in `groups` (both sides' together, so a group on both
+    sides lands in one fold): the groups dealt round-robin in a random order."""
+    names = np.unique(np.concatenate(groups)) if groups else np.array([])
+    order = torch.randperm(len(names), generator=generator).tolist()
+    return {names[i]: k % folds for k, i in enumerate(order)}
 
 
 # ---------------------------------------------------------------- baselines that must fail
@@ -209,6 +224,36 @@ def predict_positions(model: SliceEncoder, images: np.ndarray | torch.Tensor,
     """(N,) predicted relative positions of (N, H, W) slices."""
     with torch_threads(threads):
         return batched(model.eval(), to_input(images)).numpy()
+
+
+def train_half_regressors(images: np.ndarray | torch.Tensor,
+                          positions: np.ndarray | torch.Tensor, *, epochs: int = 15,
+                          seed: int = 0,
+                          threads: int = THREADS) -> tuple[SliceEncoder, SliceEncoder]:
+    """Two position regressors: one sees only the top half of each slice, one the bottom."""
+    return tuple(train_position_regressor(only_half(images, half), positions, epochs=epochs,
+                                          seed=seed, threads=threads)
+                 for half in ("top", "bottom"))
+
+
+def half_level_gap(models: tuple[SliceEncoder, SliceEncoder],
+                   images: np.ndarray | torch.Tensor, threads: int = THREADS) -> np.ndarray:
+    """(N,) |position read from the top half − position read from the bottom half|: near 0
+    for one brain at one level, large where the halves show different levels."""
+    top, bottom = (predict_positions(model, only_half(images, half), threads)
+                   for model, half in zip(models, ("top", "bottom"), strict=True))
+    return np.abs(top - bottom)
+
+
+def only_half(images: np.ndarray | torch.Tensor, half: str) -> np.ndarray:
+    """A copy of (N, H, W) slices with the other half's rows set to black (0)."""
+    kept = np.array(images)
+    rows = kept.shape[1] // 2
+    if half == "top":
+        kept[:, rows:] = 0
+    else:
+        kept[:, :rows] = 0
+    return kept
 
 
 def features(model: SliceEncoder, images: np.ndarray | torch.Tensor,

@@ -14,7 +14,9 @@ from sample_scores import (
     chimera_grids,
     features,
     frechet_distance,
+    half_level_gap,
     predict_positions,
+    train_half_regressors,
     train_position_regressor,
     unigram_grids,
 )
@@ -137,3 +139,48 @@ def test_position_regressor_learns_a_synthetic_position_signal():
     assert np.abs(predicted - positions[200:]).mean() < 0.08
     feats = features(model, images[200:])
     assert feats.shape == (40, 64) and np.isfinite(feats).all()
+
+
+def test_c2st_keeps_near_duplicate_groups_in_one_fold():
+    # 10 "subjects", each a blob at its own place, 8 near-identical slices each; the two sides
+    # take alternate slices of the same subjects, so they come from one distribution. Folds
+    # that split a subject's slices let the classifier recognise its neighbours instead.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    slices, subjects = [], []
+    for subject in range(10):
+        cy, cx = rng.uniform(16, 48, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 60)
+        for _ in range(8):
+            slices.append(blob + 0.02 * rng.standard_normal(blob.shape))
+            subjects.append(subject)
+    slices, subjects = np.clip(np.stack(slices), 0, 1), np.array(subjects)
+    a, b = slices[0::2], slices[1::2]
+    grouped = c2st_accuracy(a, b, seed=0, epochs=15, groups_a=subjects[0::2],
+                            groups_b=subjects[1::2])
+    assert abs(grouped - 0.5) <= 0.2
+
+
+def two_disc_slices(top_levels: np.ndarray, bottom_levels: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, 64, 64): in each half a disc whose column encodes that half's level."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    inside = np.zeros((len(top_levels), SIZE, SIZE), bool)
+    for row, levels in ((16, top_levels), (48, bottom_levels)):
+        cols = 12 + 40 * levels
+        inside |= (yy - row) ** 2 + (xx - cols[:, None, None]) ** 2 < 6**2
+    images = 40 + 160 * inside + rng.normal(0, 20, inside.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def test_half_level_gap_is_small_for_one_level_and_large_for_two():
+    rng = np.random.default_rng(0)
+    levels = rng.uniform(0, 1, 200)
+    models = train_half_regressors(two_disc_slices(levels, levels, rng), levels, epochs=12)
+    test = rng.uniform(0, 1, 40)
+    other = (test + rng.uniform(0.4, 0.6, 40)) % 1  # at least 0.4 away
+    same_gap = half_level_gap(models, two_disc_slices(test, test, rng))
+    mixed_gap = half_level_gap(models, two_disc_slices(test, other, rng))
+    assert same_gap.shape == (40,)
+    # each half reads its level to about 0.03 (a pixel or two); mixed halves are ≥ 0.4 apart
+    assert same_gap.mean() < 0.1 and mixed_gap.mean() > 0.3
