@@ -32,6 +32,7 @@ class LesionStudy:
     lesion_pixels: np.ndarray  # (n, H, W) bool: within the lesion's radius
     lesion_sites: np.ndarray  # (n, grid, grid) bool: sites whose patch the lesion touches
     brain_sites: np.ndarray  # (n, grid, grid) bool: the other sites, mostly inside the brain
+    brain_pixels: np.ndarray  # (n, H, W) bool: the clean slices' brain masks
     lesion_indices: torch.Tensor  # (n, grid, grid) code grids of the lesioned slices
     positions: torch.Tensor | None  # (n,) relative slice positions, if known
 
@@ -76,7 +77,9 @@ def lesion_study(run: Run, images: torch.Tensor, seed: int,
         clean_bits=run.surprise(clean_indices, positions).numpy(),
         lesion_bits=run.surprise(lesion_indices, positions).numpy(),
         lesion_pixels=np.stack(lesion_pixels), lesion_sites=lesion_sites,
-        brain_sites=brain_sites & ~lesion_sites, lesion_indices=lesion_indices,
+        brain_sites=brain_sites & ~lesion_sites,
+        brain_pixels=np.stack([brain_mask(image) for image in clean]),
+        lesion_indices=lesion_indices,
         positions=positions)
 
 
@@ -98,8 +101,7 @@ def healed_maps(run: Run, study: LesionStudy, threshold: float, seed: int) -> np
     masked = study.lesion_indices.clone()
     masked[torch.from_numpy(study.lesion_bits > threshold)] = -1
     healed = run.decode(run.inpaint(masked, 1.0, seed, 0, 1, study.positions))
-    brain = np.stack([brain_mask(image) for image in study.clean])
-    return np.abs(study.lesioned - healed) * brain
+    return np.abs(study.lesioned - healed) * study.brain_pixels
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:

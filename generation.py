@@ -74,14 +74,10 @@ def generation_scores(samples: np.ndarray, positions: torch.Tensor,
     real, cases = _matched_real(reference, len(samples), seed)
     scores = {"c2st_accuracy": c2st(samples, real, seed, groups_b=cases)}
     if reference.regressor is not None:
-        features = sample_scores.features(reference.regressor, samples)
-        scores["sample_fd"] = sample_scores.frechet_distance(
-            features, sample_scores.features(reference.regressor, real))
-        known = positions.isfinite().numpy()
-        if known.any():
-            predicted = sample_scores.predict_positions(reference.regressor, samples[known])
-            scores["sample_position_mae"] = float(np.abs(
-                predicted - positions[known].numpy()).mean())
+        scores["sample_fd"] = _frechet(reference.regressor, samples, real)
+        if positions.isfinite().any():
+            scores["sample_position_mae"] = _position_mae(reference.regressor, samples,
+                                                          positions)
     return scores
 
 
@@ -104,15 +100,25 @@ def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor,
                                       groups_b=real_cases)
     if reference.regressor is not None:
         regressor = reference.regressor
-        scores["sample_fd_real_vs_real"] = sample_scores.frechet_distance(
-            *(sample_scores.features(regressor, side) for side in (reference.other, recon)))
-        scores["sample_fd_unigram"] = sample_scores.frechet_distance(
-            sample_scores.features(regressor, unigram), sample_scores.features(regressor, real))
+        scores["sample_fd_real_vs_real"] = _frechet(regressor, reference.other, recon)
+        scores["sample_fd_unigram"] = _frechet(regressor, unigram, real)
         if known.any():
-            predicted = sample_scores.predict_positions(regressor, recon[known.numpy()])
-            scores["test_position_mae"] = float(np.abs(
-                predicted - reference.positions[known].numpy()).mean())
+            scores["test_position_mae"] = _position_mae(regressor, recon, reference.positions)
     return scores
+
+
+def _frechet(regressor: sample_scores.SliceEncoder, a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between slices `a` and `b` in the regressor's feature space."""
+    return sample_scores.frechet_distance(sample_scores.features(regressor, a),
+                                          sample_scores.features(regressor, b))
+
+
+def _position_mae(regressor: sample_scores.SliceEncoder, images: np.ndarray,
+                  positions: torch.Tensor) -> float:
+    """Mean |predicted − true| relative position over the slices whose position is known."""
+    known = positions.isfinite().numpy()
+    predicted = sample_scores.predict_positions(regressor, images[known])
+    return float(np.abs(predicted - positions[known].numpy()).mean())
 
 
 def c2st(a: np.ndarray, b: np.ndarray, seed: int, groups_a: np.ndarray | None = None,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import GatedLayer, PixelCNN
-from sampling import check_sample_input, sites_to_fill
+from sampling import check_sample_input, inverse_cdf, sites_to_fill
 
 # Each graph holds its buffers: at the full profile on 32×32 grids ~0.8 GB at batch 16,
 # ~6 GB at batch 256 (H100, peak allocated).
@@ -94,14 +94,6 @@ def sample_with_static_step(prior: PixelCNN, indices: torch.Tensor, temperature:
         return grid
     with fp32_math():
         return _run_eagerly(prior, grid, sites, temperature, uniforms)
-
-
-def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
-    """(B, K) logits and (B,) uniforms → (B,) codes, op for op as `_fill_site` draws them."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:])
-    return drawn.clamp(max=probs.shape[1] - 1).squeeze(1)
 
 
 @contextlib.contextmanager

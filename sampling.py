@@ -208,10 +208,17 @@ def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperat
     One uniform per batch item is drawn whether or not it is used, so any two samplers that
     visit sites in the same order consume the generator identically.
     """
-    probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, K)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64,
-                   device=probs.device)
-    cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=probs.shape[1] - 1).squeeze(1)
+    u = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64,
+                   device=logits.device)
+    drawn = inverse_cdf(logits, temperature, u)
     missing = out[:, r, c] == -1
     out[missing, r, c] = drawn[missing]
+
+
+def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits and (B,) uniforms in [0, 1) → (B,) codes: the bin of the softmax's CDF (in
+    float64, at `temperature`) that holds each uniform."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    cdf = probs.cumsum(-1)
+    drawn = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:])
+    return drawn.clamp(max=probs.shape[1] - 1).squeeze(1)

@@ -7,13 +7,12 @@ from graph_sampler import (
     clear_graph_cache,
     draw_uniforms,
     fp32_math,
-    inverse_cdf,
     naive_sample_with_uniforms,
     sample_with_cuda_graph,
     sample_with_static_step,
 )
 from modules import PixelCNN, PriorConfig
-from sampling import sample, sites_to_fill
+from sampling import inverse_cdf, sample, sites_to_fill
 
 TINY = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1))
 # Wider taps, a dilated first layer (its taps then live in several slot phases), no positions.
