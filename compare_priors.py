@@ -102,8 +102,8 @@ def seed_style_sample_scores(run: Path, baseline: PixelCNN, indices: dict,
     splits = load_splits(trained.data_root, spacing=trained.spacing)
     test_grids = indices["test"].long()
     reference = generation.real_reference(trained, splits["train"], splits["validate"],
-                                          splits["test"], test_grids,
-                                          trained.decode(test_grids), args.seed)
+                                          splits["test"], trained.decode(test_grids),
+                                          args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     grids = draw(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device), 1.0,
                  generator).cpu()

@@ -7,7 +7,11 @@ beside a case that must score well and cases that must score badly:
   `c2st_real_vs_real` (validation against test reconstructions: other subjects, same
   distribution) must sit near 0.5,
   `c2st_unigram` (each site drawn from its position's code histogram) and `c2st_chimera` (top
-  half of one real grid, bottom half of a real grid from another level) near 1.
+  half of one real grid, bottom half of a real grid from another level) near 1. The chimeras
+  are made from validation grids: made from test grids, their halves would also be in the real
+  side and the classifier would learn those slices rather than the anatomy. Where the position
+  regressor exists, the classifier is built on its frozen convolutions (features learned from
+  the training split), which gives the test power on anatomy at ~64 slices a side.
 - `sample_fd`: Fréchet distance in the feature space of a slice-position regressor trained on
   the training split, beside `sample_fd_real_vs_real`.
 - `sample_position_mae`: that regressor's error on the positions the samples were generated
@@ -35,23 +39,24 @@ class RealReference:
     cases: np.ndarray  # (N,) each slice's case or volume: the two-sample test's folds keep them
     other: np.ndarray  # uint8 (M, H, W): the validation split through the VQ-VAE, other subjects
     other_cases: np.ndarray  # (M,)
-    positions: torch.Tensor  # (N,) relative slice positions (NaN: unknown)
-    grids: torch.Tensor  # (N, 32, 32) the test split's code grids
+    other_grids: torch.Tensor  # (M, 32, 32) the validation split's code grids: chimeras' halves
+    other_positions: torch.Tensor  # (M,)
+    positions: torch.Tensor  # (N,) relative slice positions of the test slices (NaN: unknown)
     regressor: sample_scores.SliceEncoder | None  # None where no training slice has a position
 
 
 def real_reference(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet,
-                   test_grids: torch.Tensor, test_reconstructions: np.ndarray,
-                   seed: int) -> RealReference:
+                   test_reconstructions: np.ndarray, seed: int) -> RealReference:
     train_positions = relative_positions(train.names)
     known = train_positions.isfinite()
     regressor = None
     if known.sum() >= 2:
         regressor = sample_scores.train_position_regressor(
             train.images[known].numpy(), train_positions[known].numpy(), seed=seed)
-    other = to_uint8(run.decode(run.encode(validate.images)))
-    return RealReference(to_uint8(test_reconstructions), _cases(test.names), other,
-                         _cases(validate.names), relative_positions(test.names), test_grids,
+    other_grids = run.encode(validate.images)
+    return RealReference(to_uint8(test_reconstructions), _cases(test.names),
+                         to_uint8(run.decode(other_grids)), _cases(validate.names), other_grids,
+                         relative_positions(validate.names), relative_positions(test.names),
                          regressor)
 
 
@@ -72,7 +77,7 @@ def generation_scores(samples: np.ndarray, positions: torch.Tensor,
     """c2st, Fréchet distance and position error of uint8 generated slices (N, H, W) that were
     generated at `positions` (N,)."""
     real, cases = _matched_real(reference, len(samples), seed)
-    scores = {"c2st_accuracy": c2st(samples, real, seed, groups_b=cases)}
+    scores = {"c2st_accuracy": c2st(samples, real, reference, seed, groups_b=cases)}
     if reference.regressor is not None:
         scores["sample_fd"] = _frechet(reference.regressor, samples, real)
         if positions.isfinite().any():
@@ -86,23 +91,23 @@ def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor,
     """The same scores where the answer is known: real against real (validation against test
     subjects: c2st ≈ 0.5), and two kinds of fakes that a test with power must catch (≈ 1)."""
     recon, cases = reference.reconstructions, reference.cases
-    scores = {"c2st_real_vs_real": c2st(reference.other, recon, seed, reference.other_cases,
-                                        cases)}
+    scores = {"c2st_real_vs_real": c2st(reference.other, recon, reference, seed,
+                                        reference.other_cases, cases)}
     generator = torch.Generator().manual_seed(seed)
     unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
     real, real_cases = _matched_real(reference, n, seed)
-    scores["c2st_unigram"] = c2st(unigram, real, seed, groups_b=real_cases)
-    known = reference.positions.isfinite()
+    scores["c2st_unigram"] = c2st(unigram, real, reference, seed, groups_b=real_cases)
+    known = reference.other_positions.isfinite()
     if known.sum() >= 2:
-        chimeras = sample_scores.chimera_grids(reference.grids[known],
-                                               reference.positions[known], n, generator)
-        scores["c2st_chimera"] = c2st(to_uint8(run.decode(chimeras)), real, seed,
+        chimeras = sample_scores.chimera_grids(reference.other_grids[known],
+                                               reference.other_positions[known], n, generator)
+        scores["c2st_chimera"] = c2st(to_uint8(run.decode(chimeras)), real, reference, seed,
                                       groups_b=real_cases)
     if reference.regressor is not None:
         regressor = reference.regressor
         scores["sample_fd_real_vs_real"] = _frechet(regressor, reference.other, recon)
         scores["sample_fd_unigram"] = _frechet(regressor, unigram, real)
-        if known.any():
+        if reference.positions.isfinite().any():
             scores["test_position_mae"] = _position_mae(regressor, recon, reference.positions)
     return scores
 
@@ -121,15 +126,16 @@ def _position_mae(regressor: sample_scores.SliceEncoder, images: np.ndarray,
     return float(np.abs(predicted - positions[known].numpy()).mean())
 
 
-def c2st(a: np.ndarray, b: np.ndarray, seed: int, groups_a: np.ndarray | None = None,
-         groups_b: np.ndarray | None = None) -> float:
-    """`sample_scores.c2st_accuracy` with up to 5 folds, real slices kept in folds by subject;
-    NaN with fewer than 2 slices a side."""
+def c2st(a: np.ndarray, b: np.ndarray, reference: RealReference, seed: int,
+         groups_a: np.ndarray | None = None, groups_b: np.ndarray | None = None) -> float:
+    """`sample_scores.c2st_accuracy` with up to 5 folds, real slices kept in folds by subject,
+    on the reference's regressor as backbone; NaN with fewer than 2 slices a side."""
     n = min(len(a), len(b))
     if n < 2:
         return float("nan")
     return sample_scores.c2st_accuracy(a, b, folds=min(C2ST_FOLDS, n), seed=seed,
-                                       groups_a=groups_a, groups_b=groups_b)
+                                       backbone=reference.regressor, groups_a=groups_a,
+                                       groups_b=groups_b)
 
 
 def _matched_real(reference: RealReference, n: int,

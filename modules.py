@@ -354,13 +354,24 @@ class GatedLayer(nn.Module):
         h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
         return gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
 
-    def position_bias(self, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 or B, C, H or 1, W or 1) position embedding → biases of that shape with 2C
-        channels, for the two stacks."""
+    def position_bias(self, position: torch.Tensor | None, condition: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, H, W) position embedding and (B, C, 1, 1) slice condition, either may be None →
+        biases with 2C channels for the two stacks, broadcastable to (B, 2C, H, W)."""
+        return self._project(self.position_to_v, position, condition), \
+            self._project(self.position_to_h, position, condition)
+
+    def _project(self, conv: nn.Conv2d, position: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> torch.Tensor:
+        """conv(position + condition), computed as conv(position) + W·condition: the projection
+        is linear, and this keeps the per-site part (1, 2C, H, W) instead of (B, 2C, H, W)."""
+        if position is None and condition is None:
+            return conv.weight.new_zeros(1, conv.out_channels, 1, 1)
+        if condition is None:
+            return conv(position)
         if position is None:
-            zero = self.h_out.weight.new_zeros(1, 2 * self.h_out.weight.shape[0], 1, 1)
-            return zero, zero
-        return self.position_to_v(position), self.position_to_h(position)
+            return conv(condition)
+        return conv(position) + F.conv2d(condition, conv.weight)
 
     def vertical(self, v_padded: torch.Tensor) -> torch.Tensor:
         """Vertical pre-activations (B, 2C, rows, W) from input padded above and at the sides."""
@@ -419,9 +430,7 @@ class PixelCNN(nn.Module):
             if height > self.position.shape[2] or width > self.position.shape[3]:
                 raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
             position = self.position[:, :, :height, :width]
-        if condition is not None:
-            position = condition if position is None else position + condition
-        return [layer.position_bias(position) for layer in self.layers]
+        return [layer.position_bias(position, condition) for layer in self.layers]
 
     @torch.no_grad()
     def embed_like(self, codebook: torch.Tensor) -> None:

@@ -58,7 +58,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
     if "per_slice_position" in metrics:
         figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
     reference = _timed("position regressor", generation.real_reference, run, train, validate,
-                       test, indices, reconstructions, args.seed)
+                       test, reconstructions, args.seed)
     positions = generation.sample_positions(reference, args.n_eval_samples, args.seed)
     grids = run.sample(torch.full((len(positions), 32, 32), -1), args.temperature, args.seed,
                        positions)
