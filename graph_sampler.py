@@ -12,7 +12,10 @@ against a naive sampler fed the same uniforms.
 The uniforms are drawn with the caller's generator before the replay, one site at a time exactly
 as the project's `_fill_site` draws them, so the generator ends in the same state as after the
 project's sampler and, rounding aside, the grids are those it gives with the same generator.
-It serves priors without slice-position conditioning (`inference.draw` picks it).
+A slice-conditioned prior's condition enters as one (B, 2C) term per layer and stack, written
+into static buffers before each run or replay (the slice positions are data, not part of the
+graph): added to each row's horizontal terms and to each row's vertical pre-activations, so
+it costs no kernel per site.
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ Site = tuple[int, int]
 
 # --------------------------------------------------------------------------------- public API
 def sample_with_cuda_graph(prior: PixelCNN, indices: torch.Tensor, temperature: float = 1.0,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill every −1 in `indices` (B, H, W) as the project's sampler does; keep the rest.
+                           generator: torch.Generator | None = None,
+                           positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill every −1 in `indices` (B, H, W) at (B,) relative slice `positions` (None or NaN:
+    unknown; ignored by an unconditioned prior) as the project's sampler does; keep the rest.
 
     On CUDA the first call for a new (weights, shape, sites, temperature) captures a graph,
     later calls only replay it; elsewhere the same steps run eagerly. TF32 is off throughout.
@@ -51,8 +56,8 @@ def sample_with_cuda_graph(prior: PixelCNN, indices: torch.Tensor, temperature: 
     uniforms = draw_uniforms(grid, generator)
     with torch.no_grad(), fp32_math():
         if grid.device.type != "cuda":
-            return _run_eagerly(prior, grid, sites, temperature, uniforms)
-        return _cached_graph(prior, grid, sites, temperature).replay(grid, uniforms)
+            return _run_eagerly(prior, grid, sites, temperature, uniforms, positions)
+        return _cached_graph(prior, grid, sites, temperature).replay(grid, uniforms, positions)
 
 
 def draw_uniforms(indices: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -72,12 +77,14 @@ def draw_uniforms(indices: torch.Tensor, generator: torch.Generator | None) -> t
 
 @torch.no_grad()
 def naive_sample_with_uniforms(prior: PixelCNN, indices: torch.Tensor, temperature: float,
-                               uniforms: torch.Tensor) -> torch.Tensor:
+                               uniforms: torch.Tensor,
+                               positions: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: one forward pass per site as `sample(method="naive")`, with given uniforms."""
     out = check_sample_input(indices, prior.cfg.n_codes)
     with fp32_math():
         for (r, c), u in zip(sites_to_fill(out), uniforms, strict=True):
-            logits = prior(out[:, : r + 1].clamp(min=0))[:, :, r, c]  # rows > r cannot matter
+            # rows > r cannot matter
+            logits = prior(out[:, : r + 1].clamp(min=0), positions)[:, :, r, c]
             drawn = inverse_cdf(logits, temperature, u)
             missing = out[:, r, c] == -1
             out[missing, r, c] = drawn[missing]
@@ -86,14 +93,15 @@ def naive_sample_with_uniforms(prior: PixelCNN, indices: torch.Tensor, temperatu
 
 @torch.no_grad()
 def sample_with_static_step(prior: PixelCNN, indices: torch.Tensor, temperature: float,
-                            uniforms: torch.Tensor) -> torch.Tensor:
+                            uniforms: torch.Tensor,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
     """The graph's steps run eagerly on any device, with given uniforms (for tests)."""
     grid = check_sample_input(indices, prior.cfg.n_codes)
     sites = sites_to_fill(grid)
     if not sites:
         return grid
     with fp32_math():
-        return _run_eagerly(prior, grid, sites, temperature, uniforms)
+        return _run_eagerly(prior, grid, sites, temperature, uniforms, positions)
 
 
 @contextlib.contextmanager
@@ -169,6 +177,10 @@ class _StaticSampler:
         self.no_row_above = [zeros(b, width, 2 * c) for _ in self.layers]
         self.v_above = list(self.no_row_above)  # each layer's v_pre at the last final row
         self.terms = [zeros(width, b, 2 * c) for _ in self.layers]  # (W, B, 2C) per layer
+        # (B, 2C) per layer: the slice condition's terms in the vertical and horizontal biases
+        self.conditioned = prior.slice_embedding is not None
+        self.condition_v = [zeros(b, 2 * c) for _ in self.layers] if self.conditioned else []
+        self.condition_h = [zeros(b, 2 * c) for _ in self.layers] if self.conditioned else []
         self.output = zeros(b, c)  # the last layer's horizontal stack at the current site
         self.scratch = zeros(b, c)
         self.tap_variant = self.out_variant = 0
@@ -187,14 +199,26 @@ class _StaticSampler:
         self.w_vertical = [_vertical_matrix(layer) for layer in self.layers]  # (T·k·C, 2C)
         self.v_to_h = [_matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
         self.v_bias, self.h_bias = [], []  # (H, W, 2C); (H, W, 1, 2C) with both conv biases
-        for layer, (bias_v, bias_h) in zip(self.layers, prior.position_biases(height, width),
-                                           strict=True):
+        position = prior.position_grid(height, width)
+        for layer in self.layers:
+            bias_v, bias_h = layer.static_bias(position, self.conditioned)
             self.v_bias.append(bias_v.detach().expand(1, -1, height, width)[0].permute(1, 2, 0))
             constant = (layer.h_conv.bias + layer.v_to_h.bias).detach().view(1, -1, 1, 1)
             self.h_bias.append((bias_h.detach() + constant).expand(1, -1, height, width)
                                .permute(2, 3, 0, 1))
         hidden, last = prior.head[1], prior.head[3]
         self.head = (_matrix(hidden), hidden.bias.detach(), _matrix(last), last.bias.detach())
+
+    def set_condition(self, prior: PixelCNN, positions: torch.Tensor | None) -> None:
+        """Write the condition terms of (B,) relative slice positions into their buffers."""
+        if not self.conditioned:
+            return
+        condition = prior.slice_condition(positions, self.grid.shape[0])  # (B, C, 1, 1)
+        for layer, out_v, out_h in zip(self.layers, self.condition_v, self.condition_h,
+                                       strict=True):
+            term_v, term_h = layer.condition_bias(condition)  # (B, 2C, 1, 1) each
+            out_v.copy_(term_v[:, :, 0, 0])
+            out_h.copy_(term_h[:, :, 0, 0])
 
     def _slot_number(self, i: int, p: int) -> int:
         d = self.layers[i].dilation
@@ -248,6 +272,8 @@ class _StaticSampler:
         for i in range(len(self.layers)):
             above = self.v_above[i].transpose(0, 1)  # (W, B, 2C)
             torch.add(above @ self.v_to_h[i], self.h_bias[i][r], out=self.terms[i])
+            if self.conditioned:
+                self.terms[i] += self.condition_h[i]  # (B, 2C) over every column
 
     def _advance(self, col: int) -> None:
         """Every layer's horizontal stack at column `col` of the current row."""
@@ -313,6 +339,8 @@ class _StaticSampler:
             v_pre = torch.addmm(layer.v_conv.bias, patches.reshape(b * rows * width, -1),
                                 self.w_vertical[i]).view(b, rows, width, -1)
             v_pre += self.v_bias[i][start:stop]  # (B, rows, W, 2C)
+            if self.conditioned:
+                v_pre += self.condition_v[i][:, None, None]
             self.v_above[i] = v_pre[:, -1]
             a, g = v_pre.chunk(2, dim=-1)
             x = torch.tanh(a) * torch.sigmoid(g)
@@ -372,15 +400,17 @@ def _time_in_graph(fn: Callable[[], None], reps: int = 20) -> float:
 
 
 def _run_eagerly(prior: PixelCNN, grid: torch.Tensor, sites: list[Site], temperature: float,
-                 uniforms: torch.Tensor) -> torch.Tensor:
-    _StaticSampler(prior, grid, grid == -1, uniforms, temperature, sites).run()
+                 uniforms: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    steps = _StaticSampler(prior, grid, grid == -1, uniforms, temperature, sites)
+    steps.set_condition(prior, positions)
+    steps.run()
     return grid
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
 class _GraphSampler:
-    """One captured graph: static inputs (grid, fill mask, uniforms), the whole sequence of
-    steps, and the grid as static output."""
+    """One captured graph: static inputs (grid, fill mask, uniforms, condition terms), the whole
+    sequence of steps, and the grid as static output."""
 
     def __init__(self, prior: PixelCNN, grid: torch.Tensor, sites: list[Site],
                  temperature: float) -> None:
@@ -401,10 +431,12 @@ class _GraphSampler:
         with torch.cuda.graph(self.graph):
             self.steps.run()
 
-    def replay(self, grid: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    def replay(self, grid: torch.Tensor, uniforms: torch.Tensor,
+               positions: torch.Tensor | None) -> torch.Tensor:
         self.grid.copy_(grid)
         torch.eq(grid, -1, out=self.fill)
         self.uniforms.copy_(uniforms)
+        self.steps.set_condition(self.prior, positions)
         self.graph.replay()
         return self.grid.clone()
 

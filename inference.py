@@ -45,9 +45,9 @@ def draw(prior: PixelCNN, indices: torch.Tensor, temperature: float,
          generator: torch.Generator | None, method: str = "fast",
          positions: torch.Tensor | None = None) -> torch.Tensor:
     """`sampling.sample`, replayed as a CUDA graph where that gives the same grids faster: the
-    fast method on a GPU, for a prior without slice-position conditioning."""
-    if method == "fast" and indices.is_cuda and prior.slice_embedding is None:
-        return sample_with_cuda_graph(prior, indices, temperature, generator)
+    fast method on a GPU."""
+    if method == "fast" and indices.is_cuda:
+        return sample_with_cuda_graph(prior, indices, temperature, generator, positions)
     return sample(prior, indices, temperature, generator, method=method, positions=positions)
 
 

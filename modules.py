@@ -358,20 +358,31 @@ class GatedLayer(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, H, W) position embedding and (B, C, 1, 1) slice condition, either may be None →
         biases with 2C channels for the two stacks, broadcastable to (B, 2C, H, W)."""
-        return self._project(self.position_to_v, position, condition), \
-            self._project(self.position_to_h, position, condition)
+        static = self.static_bias(position, conditioned=condition is not None)
+        terms = self.condition_bias(condition)
+        if terms is None:
+            return static
+        return static[0] + terms[0], static[1] + terms[1]
 
-    def _project(self, conv: nn.Conv2d, position: torch.Tensor | None,
-                 condition: torch.Tensor | None) -> torch.Tensor:
-        """conv(position + condition), computed as conv(position) + W·condition: the projection
-        is linear, and this keeps the per-site part (1, 2C, H, W) instead of (B, 2C, H, W)."""
-        if position is None and condition is None:
-            return conv.weight.new_zeros(1, conv.out_channels, 1, 1)
+    def static_bias(self, position: torch.Tensor | None, conditioned: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of the two stacks' biases that is the same for every grid: the position
+        embedding's projections (1, 2C, H, W); without an embedding, the projections' own
+        biases where a condition is added (zero otherwise)."""
+        return tuple(conv(position) if position is not None
+                     else conv.bias.view(1, -1, 1, 1) if conditioned
+                     else conv.weight.new_zeros(1, conv.out_channels, 1, 1)
+                     for conv in (self.position_to_v, self.position_to_h))
+
+    def condition_bias(self, condition: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, C, 1, 1) slice condition → its (B, 2C, 1, 1) terms in the two stacks' biases.
+        The projections are linear, so the condition is projected once per grid, not added to
+        the position embedding and projected at every site."""
         if condition is None:
-            return conv(position)
-        if position is None:
-            return conv(condition)
-        return conv(position) + F.conv2d(condition, conv.weight)
+            return None
+        return tuple(F.conv2d(condition, conv.weight)
+                     for conv in (self.position_to_v, self.position_to_h))
 
     def vertical(self, v_padded: torch.Tensor) -> torch.Tensor:
         """Vertical pre-activations (B, 2C, rows, W) from input padded above and at the sides."""
@@ -425,12 +436,16 @@ class PixelCNN(nn.Module):
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (vertical, horizontal) biases for a height × width grid: the per-site
         position embedding plus the slice condition (B, C, 1, 1), if any."""
-        position = None
-        if self.position is not None:
-            if height > self.position.shape[2] or width > self.position.shape[3]:
-                raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
-            position = self.position[:, :, :height, :width]
+        position = self.position_grid(height, width)
         return [layer.position_bias(position, condition) for layer in self.layers]
+
+    def position_grid(self, height: int, width: int) -> torch.Tensor | None:
+        """The learned per-site embedding (1, C, height, width), or None without one."""
+        if self.position is None:
+            return None
+        if height > self.position.shape[2] or width > self.position.shape[3]:
+            raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
+        return self.position[:, :, :height, :width]
 
     @torch.no_grad()
     def embed_like(self, codebook: torch.Tensor) -> None:

@@ -17,6 +17,10 @@ from sampling import inverse_cdf, sample, sites_to_fill
 TINY = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1))
 # Wider taps, a dilated first layer (its taps then live in several slot phases), no positions.
 ODD = PriorConfig(n_codes=32, channels=12, kernel_size=5, dilations=(2, 1, 3), grid_size=0)
+# Slice-conditioned, with and without the per-site position embedding.
+CONDITIONED = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1), slice_bins=4)
+CONDITIONED_NO_GRID = PriorConfig(n_codes=32, channels=12, dilations=(2, 1), grid_size=0,
+                                  slice_bins=3)
 FULL_DILATIONS = (1, 2, 4, 8, 16, 1, 2, 4, 8, 16, 1, 2, 4, 1, 1)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -54,6 +58,24 @@ def test_static_step_matches_naive_with_the_same_uniforms(cfg, task):
         keep = grid != -1
         assert torch.equal(static[keep], grid[keep])
         assert ((static >= 0) & (static < cfg.n_codes)).all()
+
+
+@pytest.mark.parametrize("cfg", [CONDITIONED, CONDITIONED_NO_GRID], ids=["grid", "no-grid"])
+@pytest.mark.parametrize("task", ["generate", "inpaint"])
+def test_static_step_follows_the_slice_condition_like_naive(cfg, task):
+    prior = _prior(cfg)
+    with torch.no_grad():  # a condition that matters: its embeddings far apart
+        prior.slice_embedding.weight.normal_(0, 2.0)
+    grid = _grids(4, 8, cfg.n_codes)[task]
+    uniforms = draw_uniforms(grid, torch.Generator().manual_seed(3))
+    positions = torch.tensor([0.0, 0.35, 1.0, float("nan")])  # NaN: unknown level
+    static = sample_with_static_step(prior, grid, 1.0, uniforms, positions)
+    assert torch.equal(static, naive_sample_with_uniforms(prior, grid, 1.0, uniforms, positions))
+    # and the condition is used: other levels give other grids from the same uniforms
+    elsewhere = sample_with_static_step(prior, grid, 1.0, uniforms, positions.flip(0))
+    assert not torch.equal(static, elsewhere)
+    project = sample(prior, grid, 1.0, torch.Generator().manual_seed(3), positions=positions)
+    assert torch.equal(static, project)
 
 
 @pytest.mark.parametrize("tap_variant, out_variant", [(0, 1), (1, 2), (1, 0)])
@@ -132,7 +154,8 @@ def test_fp32_math_switches_tf32_off_and_restores_it():
 
 
 # ---------------------------------------------------------------------------------- CUDA only
-def _first_mismatch_margins(prior, ours, naive, grid, uniforms, temperature) -> list[float]:
+def _first_mismatch_margins(prior, ours, naive, grid, uniforms, temperature,
+                            positions=None) -> list[float]:
     """Per grid that differs, how close its uniform sat to a CDF boundary of the naive logits
     at the first differing site: ~1e-7 means rounding flipped a near-tie, not a bug."""
     sites = [tuple(s) for s in (grid == -1).any(0).nonzero().tolist()]
@@ -141,7 +164,8 @@ def _first_mismatch_margins(prior, ours, naive, grid, uniforms, temperature) -> 
         k = next(k for k, (r, c) in enumerate(sites) if ours[b, r, c] != naive[b, r, c])
         r, c = sites[k]
         with torch.no_grad(), fp32_math():
-            logits = prior(naive[b: b + 1, : r + 1].clamp(min=0))[0, :, r, c]
+            where = None if positions is None else positions[b: b + 1]
+            logits = prior(naive[b: b + 1, : r + 1].clamp(min=0), where)[0, :, r, c]
         cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
         margins.append(((cdf - uniforms[k, b] * cdf[-1]).abs().min() / cdf[-1]).item())
     return margins
@@ -171,6 +195,23 @@ def test_graph_matches_naive_on_cuda(batch, which, request):
         margins = _first_mismatch_margins(prior, ours, naive, grid, uniforms, 1.0)
         assert all(m < 1e-5 for m in margins), f"{task}: differ beyond near-ties {margins}"
         assert len(margins) <= max(1, batch // 64), f"{task}: {len(margins)} grids differ"
+    clear_graph_cache()
+
+
+@cuda_only
+def test_conditioned_graph_matches_naive_on_cuda_and_replays_new_positions():
+    prior = _prior(PriorConfig(channels=32, dilations=FULL_DILATIONS, slice_bins=16), "cuda")
+    clear_graph_cache()
+    grid = _grids(16, 32, prior.cfg.n_codes, "cuda")["generate"]
+    for seed, positions in enumerate([torch.linspace(0, 1, 16), torch.rand(16)]):
+        positions = positions.cuda()
+        uniforms = draw_uniforms(grid, torch.Generator("cuda").manual_seed(seed))
+        ours = sample_with_cuda_graph(prior, grid, 1.0, torch.Generator("cuda").manual_seed(seed),
+                                      positions)
+        naive = naive_sample_with_uniforms(prior, grid, 1.0, uniforms, positions)
+        margins = _first_mismatch_margins(prior, ours, naive, grid, uniforms, 1.0, positions)
+        assert all(m < 1e-5 for m in margins) and len(margins) <= 1, margins
+    assert len(_GRAPHS) == 1  # new positions replay the same graph
     clear_graph_cache()
 
 
