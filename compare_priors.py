@@ -34,7 +34,7 @@ def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettin
                 device: torch.device) -> tuple[PixelCNN, float]:
     """Train a comparison prior with train.py's loop and settings; returns its
     best-validation weights and the seconds taken."""
-    model = model.to(device)
+    model = model.to(device).to(memory_format=torch.channels_last)  # as stages.train_prior
     grids, positions = indices["train"], split_positions(indices, "train")
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -239,7 +239,9 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
     if settings.embed_from_codebook:
         model.embed_like(load_checkpoint(checkpoint_path(run, "vqvae", "best"))["model"]
                          ["quantiser.codebook"])
-    model = model.to(device)
+    # The embedded input (B, H, W, C) → (B, C, H, W) is channels-last in memory; weights in that
+    # format spare the convolutions a layout copy each way (~10% of a CPU step at the demo size).
+    model = model.to(device).to(memory_format=torch.channels_last)
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
         with autocast(device):
