@@ -54,7 +54,7 @@ PROFILES: dict[str, Profile] = {
                           slice_bins=16),
         # Small batches: on a CPU the time per sample hardly depends on the batch, so a
         # fixed budget buys many more updates, which is what these small models need.
-        vqvae_stage=StageSettings(epochs=11, batch_size=4, lr=2e-3, ssim_weight=1.0, crop=128,
+        vqvae_stage=StageSettings(epochs=9, batch_size=4, lr=2e-3, ssim_weight=1.0, crop=128,
                                   crops_per_image=2),
         prior_stage=StageSettings(epochs=3, batch_size=8, lr=5e-3, embed_from_codebook=True),
     ),
