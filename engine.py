@@ -188,9 +188,13 @@ def _save(stage: Stage, run: Path, position: dict[str, Any], sums: dict[str, flo
              "partial_sums": sums,
              "epoch_generator": generator.get_state() if generator is not None else None,
              "history": stage.history, "rng": rng_state(), **stage.checkpoint_extra()}
-    save_checkpoint(state, checkpoint_path(run, stage.name, "last"))
+    # best before last: a run killed between the two writes resumes from the older last
+    # checkpoint and redoes this step, writing both again; the other order would resume past
+    # an epoch whose best checkpoint was never written (and the prior would then train on
+    # indices from an older VQ-VAE)
     if is_best:
         save_checkpoint(state, checkpoint_path(run, stage.name, "best"))
+    save_checkpoint(state, checkpoint_path(run, stage.name, "last"))
 
 
 def _resume(stage: Stage, run: Path) -> dict[str, Any]:

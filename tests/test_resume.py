@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import stages
 import train
 from demo_data import build_demo_dataset
@@ -96,6 +97,41 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(data_root, uninterr
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     _assert_bitwise_equal(_weights(whole), _weights(run))
+
+
+class Killed(Exception):
+    """Stands for SIGKILL between two checkpoint writes."""
+
+
+def test_killed_between_the_best_and_last_writes_resumes_exactly(data_root, uninterrupted,
+                                                                  tmp_path, monkeypatch):
+    # The VQ-VAE's last epoch is its best: a kill between writing its two checkpoints must not
+    # leave a stale vqvae_best.pt, which the prior's indices are encoded with.
+    whole, _ = uninterrupted
+    history = torch.load(whole / "vqvae_last.pt", weights_only=True)["history"]
+    assert min(history, key=lambda row: row["val_recon"])["epoch"] == len(history)
+    real_save, writes = engine.save_checkpoint, []
+
+    def killed_after_first_write_of_the_last_epoch(state, path):
+        at_epoch_end = state["epoch"] == len(history) and state["step_in_epoch"] == 0
+        if at_epoch_end and path.name.startswith("vqvae") and writes:
+            raise Killed
+        real_save(state, path)
+        if at_epoch_end and path.name.startswith("vqvae"):
+            writes.append(path.name)
+
+    monkeypatch.setattr(engine, "save_checkpoint", killed_after_first_write_of_the_last_epoch)
+    run = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train.main(["--data", str(data_root), "--out", str(run), *TINY])
+    monkeypatch.undo()
+    resumed = _train(data_root, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _assert_bitwise_equal(_weights(whole), _weights(run))
+    best = [torch.load(folder / "vqvae_best.pt", weights_only=True)["model"]
+            for folder in (whole, run)]
+    _assert_bitwise_equal({"vqvae": best[0]}, {"vqvae": best[1]})
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(data_root, tmp_path,
