@@ -27,14 +27,14 @@ from evaluation import to_uint8
 from inference import Run, autocast, draw, evaluate_prior
 from io_utils import RunError, load_checkpoint, write_json
 from modules import PixelCNN
-from stages import RunOptions, make_stage, seed_everything, split_positions
+from stages import RunOptions, make_stage, place_prior, seed_everything, split_positions
 
 
 def train_alone(name: str, model: PixelCNN, indices: dict, settings: StageSettings, seed: int,
                 device: torch.device) -> tuple[PixelCNN, float]:
     """Train a comparison prior with train.py's loop and settings; returns its
     best-validation weights and the seconds taken."""
-    model = model.to(device).to(memory_format=torch.channels_last)  # as stages.train_prior
+    model = place_prior(model, device)
     grids, positions = indices["train"], split_positions(indices, "train")
 
     def step(batch: torch.Tensor, _generator: torch.Generator) -> dict[str, torch.Tensor]:
