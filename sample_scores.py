@@ -154,7 +154,8 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
     if n < folds:
         raise ValueError(f"c2st needs at least {folds} slices per side; got {len(a)}, {len(b)}")
     default_epochs, default_lr = C2ST_SCRATCH if backbone is None else C2ST_ON_BACKBONE
-    epochs, lr = epochs or default_epochs, lr or default_lr
+    epochs = default_epochs if epochs is None else epochs
+    lr = default_lr if lr is None else lr
     with seeded_torch(seed, threads):
         pick = torch.Generator().manual_seed(seed)
         chosen = [torch.randperm(len(side), generator=pick)[:n].numpy() for side in (a, b)]
