@@ -100,7 +100,7 @@ def healed_maps(run: Run, study: LesionStudy, threshold: float, seed: int) -> np
     has every site whose surprise exceeds `threshold` bits resampled by the prior."""
     masked = study.lesion_indices.clone()
     masked[torch.from_numpy(study.lesion_bits > threshold)] = -1
-    healed = run.decode(run.inpaint(masked, 1.0, seed, 0, 1, study.positions))
+    healed = run.decode(run.inpaint(masked, 1.0, seed, study.positions).raster)
     return np.abs(study.lesioned - healed) * study.brain_pixels
 
 

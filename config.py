@@ -126,6 +126,14 @@ def write_run_config(path: Path, profile_name: str, profile: Profile,
                path)
 
 
+@dataclass(frozen=True)
+class InpaintSettings:
+    """How full-context inpainting fills a hole (`inference.inpaint_full_context`)."""
+    candidates: int  # raster fills to choose among
+    gibbs_sweeps: int
+    gibbs_proposals: int
+
+
 @dataclass
 class PredictSettings:
     """What `predict.py` does with a run, unless flags say otherwise."""
@@ -135,10 +143,15 @@ class PredictSettings:
     seed: int = 0
     n_eval_samples: int = 64  # generated brains scored for memorisation and diversity
     n_inpaint: int = 8  # test images inpainted for the inpainting metrics
-    gibbs_sweeps: int = 1  # full-context inpainting: Gibbs sweeps over the masked sites ...
+    inpaint_candidates: int = 16  # full-context inpainting: raster fills to choose among ...
+    gibbs_sweeps: int = 0  # ... then Gibbs sweeps over the masked sites, ...
     gibbs_proposals: int = 2  # ... each site choosing among this many drawn codes and its own
     n_surprise: int = 32  # test (and validation) slices that get a lesion (--surprise)
     sampler: str = "fast"  # "fast": cached, each site computed once; "naive": a pass per site
     # relative slice position (0: lowest, 1: highest) of the brains generated from scratch;
     # None: spread evenly from bottom to top
     slice_position: float | None = None
+
+    @property
+    def inpaint(self) -> InpaintSettings:
+        return InpaintSettings(self.inpaint_candidates, self.gibbs_sweeps, self.gibbs_proposals)

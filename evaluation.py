@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from checkpoints import load_indices
+from config import InpaintSettings
 from inference import Run, evaluate_prior
 from masks import apply_mask, given_after_holes, sites_to_pixels
 from metrics import (
@@ -159,36 +160,38 @@ class Inpainting:
     full: np.ndarray
 
 
+INPAINT_METHODS = ("reconstruction", "raster", "likeliest_above", "full")
+
+
 def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
-                       temperature: float, seed: int, sweeps: int, proposals: int,
+                       temperature: float, seed: int, settings: InpaintSettings,
                        positions: torch.Tensor | None = None
                        ) -> tuple[dict, dict[str, Inpainting]]:
-    """SSIM and PSNR inside each mask's region of the raster and the full-context completions
-    of uint8 `images`, and of the plain reconstruction (what a perfect prior could reach).
-    Both samplers start from the same seed, so the full-context one refines the raster fill.
-    Where given sites follow the hole, also their mean surprise (bits) given each fill: how
-    well a fill agrees with the context that raster order cannot see. `positions` (N,): the
-    slices' relative positions, for a prior conditioned on them."""
+    """SSIM and PSNR inside each mask's region of uint8 `images` completed by the prior
+    (`inference.Fills`: one raster sample, the likeliest of the candidates given the context
+    above the hole, and given the whole grid) and of the plain reconstruction (what a perfect
+    prior could reach). Where given sites follow the hole, also their mean surprise (bits)
+    given each fill: how well a fill agrees with the context that raster order cannot see.
+    `positions` (N,): the slices' relative positions, for a prior conditioned on them."""
     originals = run.to_unit(images)
     indices = run.encode(images)
-    metrics: dict = {"inpaint_n_images": len(images), "inpaint_gibbs_sweeps": sweeps,
-                     "inpaint_gibbs_proposals": proposals}
-    reconstructions = run.decode(indices)
+    metrics: dict = {"inpaint_n_images": len(images),
+                     **{f"inpaint_{k}": v for k, v in asdict(settings).items()}}
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
-        fills = {"reconstruction": indices,
-                 "raster": run.inpaint(masked, temperature, seed, 0, proposals, positions),
-                 "full": run.inpaint(masked, temperature, seed, sweeps, proposals, positions)}
-        decoded = {"reconstruction": reconstructions,
-                   "raster": run.decode(fills["raster"]), "full": run.decode(fills["full"])}
+        fills = run.inpaint(masked, temperature, seed, positions, settings.candidates,
+                            settings.gibbs_sweeps, settings.gibbs_proposals)
+        grids = {"reconstruction": indices, "raster": fills.raster,
+                 "likeliest_above": fills.likeliest_above, "full": fills.full}
+        decoded = {method: run.decode(grids[method]) for method in INPAINT_METHODS}
         pixels = sites_to_pixels(mask, images.shape[-1])
         context = given_after_holes(masked == -1)
         for method, completed in decoded.items():
             scores = mean_scores([masked_scores(o, c, pixels)
                                   for o, c in zip(originals, completed, strict=True)])
             if context.any():
-                surprise = run.surprise(fills[method], positions)
+                surprise = run.surprise(grids[method], positions)
                 scores["context_bits"] = surprise[context].mean().item()
             for key, value in scores.items():
                 metrics[f"inpaint_{name}_{method}_{key}"] = value

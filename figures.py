@@ -11,6 +11,7 @@ from PIL import Image
 
 import evaluation
 from anomaly import LesionStudy
+from config import InpaintSettings
 from evaluation import to_uint8
 from inference import Run
 from masks import apply_mask, sites_to_pixels
@@ -59,9 +60,12 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
 
 
 def figure_inpainting(run: Run, images: torch.Tensor, mask: torch.Tensor, temperature: float,
-                      seed: int, path: Path) -> None:
+                      seed: int, settings: InpaintSettings, path: Path) -> None:
+    """Originals, masked, and completed from the whole grid's context."""
     indices = run.encode(images)
-    completed = run.decode(run.sample(apply_mask(indices, mask), temperature, seed))
+    fills = run.inpaint(apply_mask(indices, mask), temperature, seed, None, settings.candidates,
+                        settings.gibbs_sweeps, settings.gibbs_proposals)
+    completed = run.decode(fills.full)
     originals = run.to_unit(images)
     masked = show_mask(originals, mask)
     cells = [[o, m, c] for o, m, c in zip(originals, masked, completed, strict=True)]

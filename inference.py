@@ -2,6 +2,7 @@
 and the prior's uses (sampling, full-context inpainting, surprise, bits per index)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,13 +102,15 @@ class Run:
         return draw(self.prior, indices.to(self.device), temperature, generator,
                     method=self.sampler, positions=where).cpu()
 
-    def inpaint(self, indices: torch.Tensor, temperature: float, seed: int, sweeps: int,
-                proposals: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Fill the −1 entries: raster sampling, then `sweeps` full-context Gibbs sweeps."""
+    def inpaint(self, indices: torch.Tensor, temperature: float, seed: int,
+                positions: torch.Tensor | None = None, candidates: int = 1, sweeps: int = 0,
+                proposals: int = 2) -> Fills:
+        """Fill the −1 entries from the whole grid: see `inpaint_full_context`."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         where = None if positions is None else positions.to(self.device)
-        return inpaint_full_context(self.prior, indices.to(self.device), sweeps, generator,
-                                    proposals, temperature, self.sampler, where).cpu()
+        fills = inpaint_full_context(self.prior, indices.to(self.device), candidates, sweeps,
+                                     generator, proposals, temperature, self.sampler, where)
+        return Fills(fills.raster.cpu(), fills.likeliest_above.cpu(), fills.full.cpu())
 
     def surprise(self, indices: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,30 +121,65 @@ class Run:
 
 
 # ------------------------------------------------------------------ prior: whole-grid uses
+@dataclass
+class Fills:
+    """Completions of (B, H, W) grids with holes, chosen among the same raster-order candidates."""
+    raster: torch.Tensor  # one ancestral sample: each site given only the sites before it
+    likeliest_above: torch.Tensor  # the candidate whose hole is likeliest given the sites before
+    full: torch.Tensor  # the candidate whose whole grid is likeliest, then any Gibbs sweeps
+
+
 @torch.no_grad()
-def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, sweeps: int = 1,
-                         generator: torch.Generator | None = None, proposals: int = 2,
-                         temperature: float = 1.0, sampler: str = "fast",
-                         positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Fill every −1 in `indices` (B, H, W) by raster sampling, then update each filled site
-    `sweeps` times in turn so that it follows p(site | every other index), given indices after
-    it included; given indices are kept.
+def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, candidates: int = 16,
+                         sweeps: int = 0, generator: torch.Generator | None = None,
+                         proposals: int = 2, temperature: float = 1.0, sampler: str = "fast",
+                         positions: torch.Tensor | None = None) -> Fills:
+    """Fill every −1 in `indices` (B, H, W) using the whole grid, given indices after a hole
+    included; given indices are kept.
+
+    Raster order draws each hole site from p(site | earlier sites) and never sees the given
+    sites after it. So `candidates` raster fills are drawn per grid and the one whose whole grid
+    the prior finds likeliest is kept: the given sites after the hole score each candidate. That
+    is a point estimate, not a sample; `likeliest_above` is the same choice made from the hole's
+    own likelihood only, to tell what the context after the hole adds from what choosing the
+    likeliest adds. `sweeps` Gibbs sweeps then revisit each hole site (see `gibbs_sweeps`).
+    When no given index follows a hole, raster order already conditions on all of them: one
+    raster sample is every fill. `positions` (B,): relative slice positions, for a conditioned
+    prior.
+    """
+    holes = indices == -1
+    if positions is None:
+        positions = torch.full((len(indices),), float("nan"), device=indices.device)
+    if not given_after_holes(holes).any():
+        grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
+        return Fills(grids, grids, grids)
+    b, n = len(indices), candidates
+    pool = draw(prior, indices.repeat_interleave(n, 0), temperature, generator, method=sampler,
+                positions=positions.repeat_interleave(n))
+    site_bits = torch.cat([surprise_bits(prior, grids, where) for grids, where in zip(
+        pool.split(64), positions.repeat_interleave(n).split(64), strict=True)]).view(b, n, -1)
+    hole_bits = (site_bits * holes.flatten(1)[:, None]).sum(2)  # (B, N)
+    pool = pool.view(b, n, *indices.shape[1:])
+    rows = torch.arange(b, device=pool.device)
+    full = pool[rows, site_bits.sum(2).argmin(1)]
+    full = gibbs_sweeps(prior, full, holes, sweeps, generator, proposals, temperature, positions)
+    return Fills(pool[:, 0], pool[rows, hole_bits.argmin(1)], full)
+
+
+def gibbs_sweeps(prior: PixelCNN, grids: torch.Tensor, holes: torch.Tensor, sweeps: int,
+                 generator: torch.Generator | None, proposals: int, temperature: float,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Update each hole site (raster order) of `grids` (B, H, W) `sweeps` times in turn so that
+    it follows p(site | every other index).
 
     p(site = k | rest) ∝ p(k | earlier sites) · Π over later sites s of p(i_s | sites before s).
     Each update draws `proposals` codes from the first factor, the site's own conditional, and
     picks among them and the current code with weights ∝ the second factor (one batched forward
     pass of the whole grid per site). This multiple-proposal step (Tjelmeland 2004; Calderhead
-    2014) leaves the full conditional exactly invariant; keeping only the top codes instead
-    would bias the fill towards likely codes (on the demo run: smooth, uniform fills).
-    When no given index follows a hole, raster sampling already conditions on all of them and
-    is returned. `positions` (B,): relative slice positions, for a conditioned prior.
+    2014) leaves the full conditional exactly invariant.
     """
-    holes = indices == -1
-    grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
-    if sweeps < 1 or not given_after_holes(holes).any():
+    if sweeps < 1:
         return grids
-    if positions is None:
-        positions = torch.full((len(grids),), float("nan"), device=grids.device)
     logits = prior(grids, positions)
     sites = torch.nonzero(holes.any(dim=0)).tolist()  # raster order
     for _ in range(sweeps):

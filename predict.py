@@ -72,8 +72,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
     chosen = evenly_spaced(len(test), args.n_inpaint)
     inpainting, completions = _timed(
         "inpainting", evaluation.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,
-        args.temperature, args.seed, args.gibbs_sweeps, args.gibbs_proposals,
-        relative_positions(test.names)[chosen])
+        args.temperature, args.seed, args.settings.inpaint, relative_positions(test.names)[chosen])
     metrics.update(inpainting)
     figure_inpainting_methods(completions["centre_square"], args.n_show,
                               out / "inpainting_centre_square.png")
@@ -149,14 +148,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generated brains scored for realism, memorisation and diversity")
     p.add_argument("--n-inpaint", type=int, default=d.n_inpaint,
                    help="test images inpainted for the inpainting metrics")
+    p.add_argument("--inpaint-candidates", type=int, default=d.inpaint_candidates,
+                   help="full-context inpainting: raster fills drawn per image, of which the "
+                        "one the prior finds likeliest given the whole grid is kept")
     p.add_argument("--gibbs-sweeps", type=int, default=d.gibbs_sweeps,
-                   help="full-context inpainting: Gibbs sweeps over the masked sites")
+                   help="full-context inpainting: Gibbs sweeps over the masked sites after "
+                        "that choice")
     p.add_argument("--gibbs-proposals", type=int, default=d.gibbs_proposals,
                    help="full-context inpainting: codes drawn per site and update")
     p.add_argument("--n-surprise", type=int, default=d.n_surprise,
                    help="test (and validation) slices that get a lesion for --surprise")
     args = p.parse_args(argv)
-    for flag in ("n_eval_samples", "n_inpaint", "gibbs_proposals", "n_surprise"):
+    for flag in ("n_eval_samples", "n_inpaint", "inpaint_candidates", "gibbs_proposals",
+                 "n_surprise"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.slice_position is not None and not 0 <= args.slice_position <= 1:
@@ -206,10 +210,10 @@ def run_predict(args: argparse.Namespace) -> Path:
                      args.temperature, args.seed, out)
     figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png")
     figure_inpainting(run, show, bottom_half_mask(), args.temperature, args.seed,
-                      out / "inpainting_bottom_half.png")
+                      args.settings.inpaint, out / "inpainting_bottom_half.png")
     if args.mask:
         mask = load_mask(args.mask, run.vqvae.cfg.n_codes)
-        figure_inpainting(run, show, mask, args.temperature, args.seed,
+        figure_inpainting(run, show, mask, args.temperature, args.seed, args.settings.inpaint,
                           out / "inpainting_custom.png")
     if args.evaluate or args.reconstruct_dir:
         indices = run.encode(test.images)

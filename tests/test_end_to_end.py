@@ -91,7 +91,8 @@ def predicted_run(trained_run, tmp_path_factory):
     np.save(mask, grid)
     code = predict.main(["--run", str(trained_run), "--evaluate", "--n-samples", "2",
                          "--n-show", "2", "--mask", str(mask), "--n-eval-samples", "3",
-                         "--n-inpaint", "2", "--gibbs-proposals", "2", "--surprise",
+                         "--n-inpaint", "2", "--inpaint-candidates", "3", "--gibbs-sweeps", "1",
+                         "--gibbs-proposals", "2", "--surprise",
                          "--n-surprise", "2", "--reconstruct-dir", str(folder / "recon")])
     assert code == 0
     return trained_run, folder / "recon"
@@ -134,7 +135,7 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
     assert 0 <= metrics["sample_diversity"] <= 2
     assert metrics["samples_memorised"] in (True, False) and metrics["n_eval_samples"] == 3
     for mask in ("bottom_half", "centre_square"):
-        for method in ("raster", "full", "reconstruction"):
+        for method in ("raster", "likeliest_above", "full", "reconstruction"):
             assert -1 <= metrics[f"inpaint_{mask}_{method}_ssim"] <= 1
             assert metrics[f"inpaint_{mask}_{method}_psnr"] > 0
         # surprise of the context after the hole: only the centre square has one

@@ -38,12 +38,33 @@ def test_full_context_inpainting_keeps_every_given_index(prior):
     masked[0, 2:5, 2:5] = -1
     masked[1, 3:6, 1:7] = -1
     masked[2, 0, 0] = -1
-    filled = inference.inpaint_full_context(prior, masked, sweeps=2,
-                                          generator=torch.Generator().manual_seed(1),
-                                          proposals=3)
+    fills = inference.inpaint_full_context(prior, masked, candidates=4, sweeps=2,
+                                           generator=torch.Generator().manual_seed(1),
+                                           proposals=3)
     given = masked != -1
-    assert torch.equal(filled[given], grids[given])
-    assert ((filled >= 0) & (filled < 6)).all()
+    for filled in (fills.raster, fills.likeliest_above, fills.full):
+        assert torch.equal(filled[given], grids[given])
+        assert ((filled >= 0) & (filled < 6)).all()
+
+
+def test_full_context_keeps_the_candidate_whose_whole_grid_is_likeliest(prior):
+    """The candidates are the raster fills the same generator draws for the repeated grids;
+    `full` is the one with the fewest bits over the whole grid, `likeliest_above` over the
+    hole, and `raster` the first."""
+    b, n = 8, 8
+    masked = masks.apply_mask(_grids(n=b), masks.centre_square_mask(8, 4))
+    fills = inference.inpaint_full_context(prior, masked, candidates=n,
+                                           generator=torch.Generator().manual_seed(2))
+    pool = sample(prior, masked.repeat_interleave(n, 0),
+                  generator=torch.Generator().manual_seed(2)).view(b, n, 8, 8)
+    site_bits = inference.surprise_bits(prior, pool.flatten(0, 1)).view(b, n, 8, 8)
+    hole = (masked == -1)[:, None]
+    rows = torch.arange(b)
+    assert torch.equal(fills.raster, pool[:, 0])
+    assert torch.equal(fills.full, pool[rows, site_bits.sum((2, 3)).argmin(1)])
+    assert torch.equal(fills.likeliest_above,
+                       pool[rows, (site_bits * hole).sum((2, 3)).argmin(1)])
+    assert not torch.equal(fills.full, fills.likeliest_above)  # the later context counts
 
 
 def test_given_after_holes_marks_the_context_raster_order_never_sees():
@@ -56,21 +77,22 @@ def test_given_after_holes_marks_the_context_raster_order_never_sees():
     assert torch.equal(after, expected)
 
 
-def test_full_context_changes_the_raster_fill_and_is_reproducible(prior):
+def test_gibbs_sweeps_change_the_fill_and_are_reproducible(prior):
     masked = masks.apply_mask(_grids(n=4), masks.centre_square_mask(8, 4))
 
     def fill(sweeps):
-        return inference.inpaint_full_context(prior, masked, sweeps,
-                                            torch.Generator().manual_seed(3), proposals=4)
+        return inference.inpaint_full_context(prior, masked, 2, sweeps,
+                                              torch.Generator().manual_seed(3), proposals=4).full
     assert not torch.equal(fill(0), fill(2))
     assert torch.equal(fill(2), fill(2))
 
 
 def test_full_context_is_the_raster_sample_when_no_given_index_follows_the_hole(prior):
     masked = masks.apply_mask(_grids(), masks.bottom_half_mask(8))
-    full = inference.inpaint_full_context(prior, masked, 2, torch.Generator().manual_seed(5))
+    fills = inference.inpaint_full_context(prior, masked, 4, 2, torch.Generator().manual_seed(5))
     raster = sample(prior, masked, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(full, raster)
+    for filled in (fills.raster, fills.likeliest_above, fills.full):
+        assert torch.equal(filled, raster)
 
 
 def _log_likelihood(prior, grid):
@@ -91,9 +113,9 @@ def test_a_hole_site_is_drawn_from_its_conditional_on_the_whole_grid(prior):
     assert (exact - own).abs().max() > 0.2  # the later sites matter here
     masked = grid.repeat(3000, 1, 1)
     masked[:, r, c] = -1
-    filled = inference.inpaint_full_context(prior, masked, sweeps=3,
-                                          generator=torch.Generator().manual_seed(0),
-                                          proposals=3)
+    filled = inference.inpaint_full_context(prior, masked, candidates=1, sweeps=3,
+                                            generator=torch.Generator().manual_seed(0),
+                                            proposals=3).full
     frequencies = torch.bincount(filled[:, r, c], minlength=6).double() / len(filled)
     assert torch.allclose(frequencies, exact, atol=0.03)
 
