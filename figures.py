@@ -106,7 +106,7 @@ def figure_healing(study: LesionStudy, maps: np.ndarray, n: int, path: Path) -> 
     """Slices with a lesion (outlined), and their anomaly maps by healing."""
     images = [[lesioned, lesioned] for lesioned in study.lesioned[:n]]
     heat = [[None, m] for m in maps[:n]]
-    save_heatmap_grid(images, heat, path, ["with lesion", "|input − healed|"],
+    save_heatmap_grid(images, heat, path, ["with lesion", "brighter than every healing"],
                       vmax=float(np.percentile(maps, 99.9)) or 1.0,
                       label="anomaly (intensity)", outlines=list(study.lesion_pixels[:n]))
 

@@ -178,6 +178,39 @@ def test_lesion_is_a_bright_disc_inside_the_brain():
     assert np.array_equal(lesioned[far], image[far])
 
 
+class _PatchRun:
+    """A stand-in run on an 8×8 grid of 32-px patches: code k decodes to a patch of intensity
+    k / 10, and the prior fills every hole with a code in 0..3 (normal tissue)."""
+
+    def decode(self, indices):
+        return (indices.double() / 10).repeat_interleave(32, 1).repeat_interleave(32, 2).numpy()
+
+    def sample(self, indices, temperature, seed, positions):
+        codes = torch.randint(0, 4, indices.shape, generator=torch.Generator().manual_seed(seed))
+        return torch.where(indices == -1, codes, indices)
+
+
+def test_healed_maps_mark_what_is_brighter_than_every_healing_where_surprise_clusters():
+    """A lesion site (code 9: brighter than any code the prior heals with) inside a cluster of
+    surprising sites is marked; a lone surprising site is not resampled, and no map value
+    falls outside the resampled sites."""
+    grid = torch.full((1, 8, 8), 2)
+    grid[0, 4, 4] = 9
+    bits = np.ones((1, 8, 8))
+    bits[0, 3:6, 3:6] = 10  # the lesion's neighbourhood
+    bits[0, 0, 7] = 30  # one surprising site alone: smoothed, 30 / 9 + 8 / 9 < 5
+    brain = np.ones((1, 256, 256), bool)
+    study = anomaly.LesionStudy(
+        clean=None, lesioned=_PatchRun().decode(grid), clean_bits=None, lesion_bits=bits,
+        lesion_pixels=None, lesion_sites=None, brain_sites=None, brain_pixels=brain,
+        lesion_indices=grid, positions=None)
+    maps = anomaly.healed_maps(_PatchRun(), study, threshold=5.0, seed=0)
+    lesion = np.zeros((256, 256), bool)
+    lesion[128:160, 128:160] = True
+    assert (maps[0][lesion[None][0]] >= 0.5).mean() > 0.9  # 0.9 − at most 0.3
+    assert (maps[0][~lesion] == 0).all()
+
+
 def test_per_slice_position_groups_names_by_slice_index():
     names = ["case_001_slice_2.nii.png", "case_002_slice_2.nii.png",
              "case_001_slice_10.nii.png", "other.png"]
