@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import checkpoints
+import choose_temperature
 import compare_priors
 import inference
 import predict
@@ -79,6 +80,32 @@ def test_compare_priors_trains_both_baselines_and_scores_the_test_split(trained_
     assert result["params_seed_style"] < result["params_ours"]
     assert result["test_bits_per_index_ours_random_embedding"] > 0  # the tiny profile ablates
     assert 0 <= result["seed_style_c2st_accuracy"] <= 1 and result["seed_style_sample_fd"] >= 0
+
+
+def test_choose_temperature_scores_each_temperature_on_both_sides_and_picks_on_validation(
+        trained_run):
+    assert choose_temperature.main(["--run", str(trained_run), "--device", "cpu",
+                                    "--temperatures", "0.5", "1.0", "--seeds", "0", "1",
+                                    "--n-samples", "3"]) == 0
+    result = json.loads((trained_run / "temperature.json").read_text())
+    scores = result["scores"]
+    assert set(scores) == {"0.5", "1.0"}
+    for sides in scores.values():
+        assert set(sides) == {"validate", "test"}
+        assert all(len(values) == 2 for values in sides["validate"].values() if values)
+    assert result["chosen"] in (0.5, 1.0)
+
+
+def test_chosen_temperature_is_the_least_distinguishable_on_validation_beyond_noise():
+    def results(low, one):
+        return {"0.8": {"validate": {"c2st_accuracy": low}, "test": {"c2st_accuracy": [0.5]}},
+                "1.0": {"validate": {"c2st_accuracy": one}, "test": {"c2st_accuracy": [0.9]}}}
+    assert choose_temperature.chosen_temperature(results([0.6, 0.62, 0.61], [0.8, 0.79, 0.8])) \
+        == 0.8
+    # lower on average, but by less than the seeds' spread: the prior's own temperature stays
+    assert choose_temperature.chosen_temperature(results([0.5, 0.7, 0.6], [0.6, 0.7, 0.65])) \
+        == 1.0
+    assert choose_temperature.chosen_temperature(results([0.7, 0.8], [0.6, 0.6])) == 1.0
 
 
 @pytest.fixture(scope="module")
