@@ -170,6 +170,8 @@ def choose_healing(run: Run, validation: LesionStudy, seed: int) -> tuple[float,
     for threshold in np.quantile(clean, HEAL_QUANTILES):
         maps = healed_maps(run, validation, float(threshold), seed)
         precision = average_precision(maps, validation.lesion_pixels)
+        print(f"healing, validation: threshold {threshold:.2f} bits, average precision "
+              f"{precision:.3f}", flush=True)  # each threshold heals every slice 16 times
         if precision > best[0]:
             best = (precision, float(threshold), best_dice_level(maps, validation.lesion_pixels))
     return best[1], best[2]
