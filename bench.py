@@ -6,6 +6,7 @@ its own peak memory and no two compete for the cores.
 
     python bench.py --quick                  # under 3 minutes on a 2-core CPU
     python bench.py                          # real naive sampling at every batch: slow
+    python bench.py --profile full --batches 1 16 64 256 --out bench_gpu.json   # on a GPU
     python bench.py --markdown bench.json    # the README's "Performance" table
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 import dataset
+from config import PROFILES
 from distributed import choose_device
 from inference import draw
 from modules import VQVAE, PixelCNN, PriorConfig
@@ -92,8 +94,8 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
 
 
 # ---------------------------------------------------------------------------------- sampling
-def demo_prior(cfg: PriorConfig, seed: int) -> PixelCNN:
-    """The demo prior at random initialisation: sampling time does not depend on the weights."""
+def random_prior(cfg: PriorConfig, seed: int) -> PixelCNN:
+    """A prior at random initialisation: sampling time does not depend on the weights."""
     torch.manual_seed(seed)
     return PixelCNN(cfg).to(device()).eval()
 
@@ -112,7 +114,7 @@ def probe_grids(batch: int, n_codes: int, seed: int) -> dict[int, torch.Tensor]:
 def time_sampler(cfg: PriorConfig, method: str, batch: int, seed: int, generate: bool,
                  probe: bool, repeats: int) -> dict:
     """Seconds and grids of `method` for full generation and/or the probe grids."""
-    model = demo_prior(cfg, seed)
+    model = random_prior(cfg, seed)
 
     def sample(grid: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device()).manual_seed(seed)
@@ -133,7 +135,7 @@ def time_sampler(cfg: PriorConfig, method: str, batch: int, seed: int, generate:
 
 def time_forward(cfg: PriorConfig, batch: int, seed: int, repeats: int) -> dict:
     """The floor: one batched forward pass of the prior over whole grids."""
-    model = demo_prior(cfg, seed)
+    model = random_prior(cfg, seed)
     grid = torch.randint(cfg.n_codes, (batch, GRID, GRID), device=device())
     with torch.inference_mode():
         model(grid)  # warm-up
@@ -196,11 +198,11 @@ def validation_ssim(reconstruct: Callable[[torch.Tensor], torch.Tensor],
     return mean_scores(scores)["ssim"]
 
 
-def train_project(root: Path, n_train: int | None, epochs: int, seed: int) -> dict:
-    """This project's demo VQ-VAE trained by train.py's own stage and loop (stages, engine)."""
+def train_project(root: Path, n_train: int | None, epochs: int, seed: int,
+                  profile: str) -> dict:
+    """This project's VQ-VAE of `profile` trained by train.py's own stage and loop."""
     import engine
     import stages
-    from config import PROFILES
     from inference import to_model_input
 
     started = time.perf_counter()
@@ -208,7 +210,8 @@ def train_project(root: Path, n_train: int | None, epochs: int, seed: int) -> di
     images = dataset.load_split(files[0].parent).images[chosen]  # uint8 (N, 256, 256)
     val_images = dataset.load_split(dataset.find_split_dirs(root)["validate"]).images
     load_s = time.perf_counter() - started
-    cfg, settings = PROFILES["demo"].vqvae, replace(PROFILES["demo"].vqvae_stage, epochs=epochs)
+    cfg = PROFILES[profile].vqvae
+    settings = replace(PROFILES[profile].vqvae_stage, epochs=epochs)
     norm = dataset.compute_normalisation(images)
     stages.seed_everything(seed)
     dev = device()
@@ -268,17 +271,19 @@ def throughput(run: dict) -> dict:
     return {**run, "epoch_mean_s": epoch_s, "images_per_s": run["n_train"] / epoch_s}
 
 
-def bench_training(root: Path, quick: bool, epochs: int, seed: int) -> dict:
+def bench_training(root: Path, quick: bool, epochs: int, seed: int, profile: str) -> dict:
     n_train = QUICK_TRAIN_IMAGES if quick else None
-    project = throughput(in_fresh_process(train_project, root, n_train, epochs, seed))
+    project = throughput(in_fresh_process(train_project, root, n_train, epochs, seed, profile))
+    crops = (f"{project['crops_per_image']} random {project['crop']}² crops of each"
+             if project["crop"] else "each whole")
     baseline = throughput(in_fresh_process(train_seed_style, root, n_train, epochs, seed))
-    return {"epochs": epochs, "subset": quick, "n_train": project["n_train"],
+    return {"epochs": epochs, "subset": quick, "n_train": project["n_train"], "profile": profile,
             "definition": (
                 "images/s = training slices per epoch / seconds of the epoch's training pass "
                 "(data loading, forward, backward, optimiser; no validation). This project "
-                f"takes {project['crops_per_image']} random {project['crop']}² crops of each "
-                f"in-memory uint8 slice per epoch ({pixel_share(project):.0%} of the pixels of "
-                "the whole 256² slice, which is about half black background) in batches of "
+                f"takes {crops} in-memory uint8 slice per epoch ({pixel_share(project):.0%} of "
+                "the pixels of the whole 256² slice, which is about half black background) in "
+                "batches of "
                 f"{project['batch_size']}; the baseline decodes each 256² slice from its PNG "
                 f"file every epoch, in batches of {baseline['batch_size']}"),
             "project": project, "baseline": baseline,
@@ -288,7 +293,8 @@ def bench_training(root: Path, quick: bool, epochs: int, seed: int) -> dict:
 
 def pixel_share(project: dict) -> float:
     """Pixels the project trains on per slice and epoch, as a share of the whole slice."""
-    return project["crops_per_image"] * project["crop"] ** 2 / IMAGE_SIZE ** 2
+    side = project["crop"] or IMAGE_SIZE  # crop 0: whole slices
+    return project["crops_per_image"] * side ** 2 / IMAGE_SIZE ** 2
 
 
 # ---------------------------------------------------------------------------------- report
@@ -323,6 +329,8 @@ def render_markdown(results: dict) -> str:
     """bench.json as a markdown "Performance" section naming the machine."""
     m = results["machine"]
     mode = "--quick" if results.get("quick") else "(full)"
+    if results.get("profile", "demo") != "demo":
+        mode += f" --profile {results['profile']}"
     lines = ["### Performance", "",
              f"`python bench.py {mode}` on {m['cpu']} ({m['cores']} cores, {m['threads']} torch "
              f"thread{'s' if m['threads'] != 1 else ''}, device {m['device']}), "
@@ -358,7 +366,9 @@ def _training_table(training: dict) -> list[str]:
     lines = [f"| VQ-VAE training, {training['epochs']} epoch(s) on {subset} | Epoch s | "
              "Images/s | Steps | Val SSIM | Peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key, name in (("project", "This project (demo config, crops, AdamW)"),
+    profile = training.get("profile", "demo")
+    crops = ", crops" if training["project"].get("crop", 1) else ""
+    for key, name in (("project", f"This project ({profile} config{crops}, AdamW)"),
                       ("baseline", "Seed-style baseline (PNG per item, batch 128)")):
         run = training[key]
         lines.append(f"| {name} | {run['epoch_mean_s']:.1f} | {run['images_per_s']:.1f} | "
@@ -372,8 +382,9 @@ def _training_table(training: dict) -> list[str]:
     return lines
 
 
-def sampling_note(quick: bool, cfg: PriorConfig, idle_rss_mb: float) -> str:
-    prior = (f"the demo prior at random initialisation ({len(cfg.dilations)} gated layers, "
+def sampling_note(quick: bool, cfg: PriorConfig, idle_rss_mb: float,
+                  profile: str = "demo") -> str:
+    prior = (f"the {profile} prior at random initialisation ({len(cfg.dilations)} gated layers, "
              f"{cfg.channels} channels, K = {cfg.n_codes}, position biases)")
     note = (f"Full generation of 32×32 grids by {prior}; "
             "forward pass: one batched pass over whole grids, the floor for any sampler; "
@@ -404,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads per measured process (0: torch's default). One keeps "
                         "timings steady on a shared machine; every ratio uses the same")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="demo",
+                   help="whose prior and VQ-VAE to measure (config.PROFILES)")
     return p.parse_args(argv)
 
 
@@ -412,27 +425,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render_markdown(json.loads(Path(args.markdown).read_text())), end="")
         return 0
-    from config import PROFILES
     from demo_data import build_demo_dataset, demo_root
 
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"machine": machine(torch.get_num_threads()), "quick": args.quick}
+    results: dict[str, Any] = {"machine": machine(torch.get_num_threads()), "quick": args.quick,
+                               "profile": args.profile}
     idle_rss = in_fresh_process(idle)["peak_rss_mb"]
     if args.part in ("all", "sampling"):
-        cfg = PROFILES["demo"].prior
+        cfg = PROFILES[args.profile].prior
         rows = []
         for batch in args.batches:
             rows.append(bench_sampling(cfg, batch, args.seed, args.quick))
             print(_progress(rows[-1]), flush=True)
         results["sampling"] = {"prior": asdict(cfg), "random_init": True,
                                "naive_extrapolated": args.quick, "idle_rss_mb": idle_rss,
-                               "note": sampling_note(args.quick, cfg, idle_rss), "rows": rows}
+                               "note": sampling_note(args.quick, cfg, idle_rss, args.profile),
+                               "rows": rows}
     if args.part in ("all", "training"):
         root = build_demo_dataset(demo_root())
         epochs = args.epochs or (1 if args.quick else 2)
-        results["training"] = bench_training(root, args.quick, epochs, args.seed)
+        results["training"] = bench_training(root, args.quick, epochs, args.seed, args.profile)
     results["targets"] = {**TARGETS, "met": targets_met(results)}
     results["wall_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,7 +1,11 @@
+import json
+
 import torch
 
+import bench
 from baselines import SeedStyleVQVAE
 from bench import extrapolate_naive, render_markdown
+from config import PROFILES
 
 
 def test_seed_style_baseline_trains_on_a_tiny_batch():
@@ -46,3 +50,21 @@ def test_markdown_renders_a_small_result_as_tables():
     # the sampling table alone renders too
     del results["training"]
     assert "VQ-VAE training" not in render_markdown(results)
+
+
+def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches", "1",
+                       "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    tiny = PROFILES["tiny"].prior
+    assert results["profile"] == "tiny"
+    assert results["sampling"]["prior"]["channels"] == tiny.channels
+    assert "the tiny prior" in results["sampling"]["note"]
+    assert [row["batch"] for row in results["sampling"]["rows"]] == [1]
+    assert "--profile tiny" in render_markdown(results)
+
+
+def test_whole_slice_training_covers_every_pixel():
+    assert bench.pixel_share({"crop": 0, "crops_per_image": 1}) == 1.0
+    assert bench.pixel_share({"crop": 128, "crops_per_image": 2}) == 0.5
