@@ -54,8 +54,12 @@ def test_markdown_renders_a_small_result_as_tables():
 
 def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches", "1",
-                       "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
+                           "1", "--out", str(out)]) == 0
+    finally:  # bench.main sets this process's threads; later in-process training compares
+        torch.set_num_threads(threads)  # bitwise with subprocesses at the default count
     results = json.loads(out.read_text())
     tiny = PROFILES["tiny"].prior
     assert results["profile"] == "tiny"
