@@ -14,7 +14,7 @@ from scipy.ndimage import distance_transform_edt, median_filter, uniform_filter
 
 from evaluation import mostly_brain_sites
 from inference import Run
-from masks import pixels_to_sites, sites_to_pixels
+from masks import pixels_to_sites, site_coverage, sites_to_pixels
 from metrics import brain_mask
 
 LESION_RADIUS_PX = 8
@@ -94,7 +94,7 @@ def surprise_metrics(study: LesionStudy) -> dict[str, float]:
     """Mean surprise (bits) at the lesion's sites (any pixel of their patch within the lesion's
     radius; and the core: at least half of it), at the same sites without the lesion, and at
     the rest of the brain (lesioned slices)."""
-    core = lesion_coverage(study) >= 0.5
+    core = site_coverage(study.lesion_pixels, study.lesion_sites.shape[-1]) >= 0.5
     return {
         "surprise_lesion_bits": float(study.lesion_bits[study.lesion_sites].mean()),
         "surprise_lesion_sites_clean_bits": float(study.clean_bits[study.lesion_sites].mean()),
@@ -103,13 +103,6 @@ def surprise_metrics(study: LesionStudy) -> dict[str, float]:
         "surprise_brain_bits": float(study.lesion_bits[study.brain_sites].mean()),
         "surprise_n_images": len(study.clean),
     }
-
-
-def lesion_coverage(study: LesionStudy) -> np.ndarray:
-    """(n, grid, grid): the share of each site's patch within the lesion's radius."""
-    n, grid = study.lesion_sites.shape[:2]
-    patch = study.lesion_pixels.shape[-1] // grid
-    return study.lesion_pixels.reshape(n, grid, patch, grid, patch).mean(axis=(2, 4))
 
 
 # ---------------------------------------------------------------------- healing

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from checkpoints import load_indices
 from config import InpaintSettings
 from inference import Run, evaluate_prior
-from masks import apply_mask, given_after_holes, sites_to_pixels
+from masks import apply_mask, given_after_holes, site_coverage, sites_to_pixels
 from metrics import (
     batch_scores,
     brain_mask,
@@ -177,6 +177,7 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     indices = run.encode(images)
     metrics: dict = {"inpaint_n_images": len(images),
                      **{f"inpaint_{k}": v for k, v in asdict(settings).items()}}
+    reconstructions = run.decode(indices)
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
@@ -184,7 +185,8 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
                             settings.gibbs_sweeps, settings.gibbs_proposals)
         grids = {"reconstruction": indices, "raster": fills.raster,
                  "likeliest_above": fills.likeliest_above, "full": fills.full}
-        decoded = {method: run.decode(grids[method]) for method in INPAINT_METHODS}
+        decoded = {method: reconstructions if method == "reconstruction"
+                   else run.decode(grids[method]) for method in INPAINT_METHODS}
         pixels = sites_to_pixels(mask, images.shape[-1])
         context = given_after_holes(masked == -1)
         for method, completed in decoded.items():
@@ -203,6 +205,4 @@ def mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:
     """(N, H, W) or (N, 1, H, W) images → (N, grid, grid) bool: sites whose patch is at
     least half brain."""
     images = images.reshape(-1, *images.shape[-2:])
-    patch = images.shape[-1] // grid
-    return np.stack([brain_mask(image).reshape(grid, patch, grid, patch).mean(axis=(1, 3))
-                     >= 0.5 for image in images])
+    return site_coverage(np.stack([brain_mask(image) for image in images]), grid) >= 0.5

@@ -154,10 +154,11 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, candidates: int
         grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
         return Fills(grids, grids, grids)
     b, n = len(indices), candidates
+    pool_positions = positions.repeat_interleave(n)
     pool = draw(prior, indices.repeat_interleave(n, 0), temperature, generator, method=sampler,
-                positions=positions.repeat_interleave(n))
+                positions=pool_positions)
     site_bits = torch.cat([surprise_bits(prior, grids, where) for grids, where in zip(
-        pool.split(64), positions.repeat_interleave(n).split(64), strict=True)]).view(b, n, -1)
+        pool.split(64), pool_positions.split(64), strict=True)]).view(b, n, -1)
     hole_bits = (site_bits * holes.flatten(1)[:, None]).sum(2)  # (B, N)
     pool = pool.view(b, n, *indices.shape[1:])
     rows = torch.arange(b, device=pool.device)

@@ -87,7 +87,12 @@ def sites_to_pixels(mask: torch.Tensor, image_size: int) -> np.ndarray:
     return mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
 
 
+def site_coverage(mask: np.ndarray, grid: int) -> np.ndarray:
+    """(..., S, S) pixel mask → (..., grid, grid): the share of each site's patch marked."""
+    patch = mask.shape[-1] // grid
+    return mask.reshape(*mask.shape[:-2], grid, patch, grid, patch).mean(axis=(-3, -1))
+
+
 def pixels_to_sites(mask: np.ndarray, grid: int) -> np.ndarray:
     """(S, S) pixel mask → (grid, grid): the sites whose patch holds any marked pixel."""
-    patch = mask.shape[-1] // grid
-    return mask.reshape(grid, patch, grid, patch).any(axis=(1, 3))
+    return site_coverage(mask, grid) > 0
