@@ -12,9 +12,12 @@ import contextlib
 import functools
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ DEMO_SLICE_RANGE = (0.3, 0.85)  # part of the brain's axial extent sliced, botto
 DEMO_VERSION = 1  # bump when the generator changes, so old demo sets are rebuilt
 DEMO_MARKER = ".complete"
 DEMO_STAGING = ".building"
+SUBJECTS_PER_PROCESS = 8  # the build takes one process per core, each with this many or more
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -129,18 +133,14 @@ def build_demo_dataset(
     )
     staging = root / DEMO_STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    template = load_template()
-    case = 0
-    with single_torch_thread():
-        for split, n_subjects in counts.items():
-            folder = staging / OASIS_SPLIT_DIRS[split][0]
-            folder.mkdir(parents=True)
-            for _ in range(n_subjects):
-                case += 1
-                rng = np.random.default_rng([seed, case])
-                for k, image in enumerate(demo_subject_slices(template, rng, slices_per_subject)):
-                    path = folder / f"case_{case:03d}_slice_{k}.nii.png"
-                    Image.fromarray(image).save(path, compress_level=1)
+    subjects = []  # (folder, case) in case order
+    for split, n_subjects in counts.items():
+        folder = staging / OASIS_SPLIT_DIRS[split][0]
+        folder.mkdir(parents=True)
+        subjects += [(folder, len(subjects) + 1 + k) for k in range(n_subjects)]
+    workers = max(1, min(os.cpu_count() or 1, len(subjects) // SUBJECTS_PER_PROCESS))
+    # Each subject depends only on its own case number: the shares can be built in any order.
+    write_in_processes([subjects[w::workers] for w in range(workers)], seed, slices_per_subject)
 
     # Swap the new folders in; until the marker is rewritten, the staging folder marks root as ours.
     (root / DEMO_MARKER).unlink(missing_ok=True)
@@ -151,6 +151,31 @@ def build_demo_dataset(
     staging.rmdir()
     log.info("Built the demo set in %.1f s", time.perf_counter() - start)
     return root
+
+
+def write_in_processes(shares: list[list[tuple[Path, int]]], seed: int,
+                       slices_per_subject: int) -> None:
+    """`write_subjects` for the first share here, and for each other one in a new process."""
+    if len(shares) == 1:
+        return write_subjects(shares[0], seed, slices_per_subject)
+    spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch's threads run
+    with ProcessPoolExecutor(len(shares) - 1, mp_context=spawn) as pool:
+        others = [pool.submit(write_subjects, share, seed, slices_per_subject)
+                  for share in shares[1:]]
+        write_subjects(shares[0], seed, slices_per_subject)
+        for done in others:
+            done.result()
+
+
+def write_subjects(subjects: list[tuple[Path, int]], seed: int, slices_per_subject: int) -> None:
+    """Save the slices of each (folder, case) pseudo-subject as OASIS-named PNGs."""
+    template = load_template()
+    with single_torch_thread():
+        for folder, case in subjects:
+            rng = np.random.default_rng([seed, case])
+            for k, image in enumerate(demo_subject_slices(template, rng, slices_per_subject)):
+                path = folder / f"case_{case:03d}_slice_{k}.nii.png"
+                Image.fromarray(image).save(path, compress_level=1)
 
 
 @contextlib.contextmanager

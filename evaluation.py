@@ -3,7 +3,6 @@ slice position), generated samples (memorisation and diversity), and inpainting 
 and the full-context sampler. Sample realism is in generation.py, lesions in anomaly.py."""
 from __future__ import annotations
 
-import itertools
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from metrics import (
     codebook_stats,
     masked_scores,
     mean_scores,
-    ssim,
+    ssim_of_pairs,
 )
 from slices import SliceSet, relative_positions, slice_index
 
@@ -126,17 +125,18 @@ def nearest_neighbour_ssim(queries: np.ndarray, references: np.ndarray,
     that reference's index. Candidates are shortlisted by L2 distance at NN_SIDE² pixels."""
     shortlist = torch.cdist(_thumbnails(queries), _thumbnails(references)).topk(
         min(n_candidates, len(references)), dim=1, largest=False).indices
-    best_ssim, best_index = np.empty(len(queries)), np.empty(len(queries), dtype=np.int64)
-    for q, candidates in enumerate(shortlist.tolist()):
-        scores = [ssim(_unit(queries[q]), _unit(references[c])) for c in candidates]
-        best_ssim[q], best_index[q] = max(scores), candidates[int(np.argmax(scores))]
-    return best_ssim, best_index
+    n, k = shortlist.shape
+    pairs = torch.stack([torch.arange(n).repeat_interleave(k), shortlist.flatten()], dim=1)
+    scores = ssim_of_pairs(torch.from_numpy(queries), torch.from_numpy(references), pairs)
+    best, pick = scores.view(n, k).max(dim=1)
+    return best.double().numpy(), shortlist.gather(1, pick[:, None]).squeeze(1).numpy()
 
 
 def mean_pairwise_ssim(images: np.ndarray) -> float:
     """Mean SSIM over every pair of uint8 images (N, H, W)."""
-    pairs = itertools.combinations(range(len(images)), 2)
-    return float(np.mean([ssim(_unit(images[i]), _unit(images[j])) for i, j in pairs]))
+    pairs = torch.combinations(torch.arange(len(images)), 2)
+    images = torch.from_numpy(images)
+    return ssim_of_pairs(images, images, pairs).double().mean().item()
 
 
 def _thumbnails(images: np.ndarray) -> torch.Tensor:
@@ -144,10 +144,6 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
     return torch.cat([F.adaptive_avg_pool2d(torch.from_numpy(chunk).float()[:, None] / 255,
                                             NN_SIDE).flatten(1)
                       for chunk in np.array_split(images, max(1, len(images) // 512))])
-
-
-def _unit(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float32) / 255
 
 
 # ------------------------------------------------------------------------ inpainting

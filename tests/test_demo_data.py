@@ -81,6 +81,19 @@ def test_demo_is_deterministic_and_depends_on_seed(tiny_demo, tmp_path):
     assert torch.equal(rebuilt["train"].images, other["train"].images)
 
 
+def test_demo_built_in_several_processes_is_the_same_set(tmp_path, monkeypatch):
+    # Split between two processes (one spawned: this takes a few seconds) or built in one.
+    settings = {"n_train": 14, "n_validate": 1, "n_test": 1, "slices_per_subject": 1}
+    monkeypatch.setattr(demo_data.os, "cpu_count", lambda: 1)
+    alone = load_splits(build_demo_dataset(tmp_path / "alone", **settings))
+    monkeypatch.setattr(demo_data.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo_data, "SUBJECTS_PER_PROCESS", 8)
+    shared = load_splits(build_demo_dataset(tmp_path / "shared", **settings))
+    for split in ("train", "validate", "test"):
+        assert shared[split].names == alone[split].names
+        assert torch.equal(shared[split].images, alone[split].images)
+
+
 def test_demo_refuses_to_overwrite_real_data(tmp_path):
     make_real_root(tmp_path)
     with pytest.raises(DatasetError, match="refusing to overwrite"):

@@ -12,6 +12,7 @@ from metrics import (
     masked_scores,
     mean_scores,
     ssim,
+    ssim_of_pairs,
     ssim_torch,
 )
 
@@ -114,6 +115,19 @@ def test_differentiable_ssim_matches_scikit_image():
     got = ssim_torch(torch.from_numpy(ref), torch.from_numpy(img).requires_grad_())
     assert math.isclose(got.item(), expected, rel_tol=1e-5)
     got.backward()  # it is a loss: gradients must flow
+
+
+def test_ssim_of_pairs_matches_scikit_image_on_uint8_images():
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (3, 40, 48), dtype=np.uint8)
+    b = np.clip(np.concatenate([a, a]) + rng.integers(-40, 40, (6, 40, 48)), 0, 255).astype(
+        np.uint8)
+    pairs = torch.tensor([[0, 0], [0, 4], [2, 1], [1, 5], [2, 2]])
+    got = ssim_of_pairs(torch.from_numpy(a), torch.from_numpy(b), pairs, chunk=2)
+    expected = [ssim(a[i] / 255, b[j] / 255) for i, j in pairs.tolist()]
+    assert np.allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert math.isclose(ssim_of_pairs(torch.from_numpy(a), torch.from_numpy(a),
+                                      torch.tensor([[1, 1]])).item(), 1.0, rel_tol=1e-6)
 
 
 def test_differentiable_ssim_keeps_fp32_under_autocast():
