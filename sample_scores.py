@@ -100,20 +100,17 @@ class SliceEncoder(nn.Module):
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fit(model: SliceEncoder, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss,
-        epochs: int, batch_size: int, lr: float) -> SliceEncoder:
+def fit(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss,
+        epochs: int, batch_size: int, lr: float) -> nn.Module:
     """Train `model` on (x, target) with Adam and a one-cycle schedule; run inside `seeded_torch`.
 
     No augmentation: flips and shifts teach a model to ignore where structures lie, which is
     what tells anatomy (and a slice's level) apart; with a test whose folds later turned out to
     leak, they also lowered its accuracy on chimeras (0.84–0.90 against 0.90–0.91)."""
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(x) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps)
     model.train()
-    for module in model.modules():  # frozen BatchNorm keeps its running statistics
-        if isinstance(module, nn.BatchNorm2d) and not module.weight.requires_grad:
-            module.eval()
     for _ in range(epochs):
         for batch in torch.randperm(len(x)).split(batch_size):
             if len(batch) < 2:  # BatchNorm needs two samples
@@ -161,6 +158,8 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
         chosen = [torch.randperm(len(side), generator=pick)[:n].numpy() for side in (a, b)]
         x = torch.cat([to_input(np.asarray(side)[rows])
                        for side, rows in zip((a, b), chosen, strict=True)])
+        if backbone is not None:  # frozen convolutions: each slice's output is computed once
+            x = batched(backbone.convs.eval(), x)
         labels = torch.cat([torch.zeros(n), torch.ones(n)])
         fold_of = group_folds([g for g in (groups_a, groups_b) if g is not None], folds, pick)
         fold = torch.cat([
@@ -179,15 +178,15 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
     return correct / (2 * n)
 
 
-def classifier(backbone: SliceEncoder | None) -> SliceEncoder:
-    """A fresh SliceEncoder, or a copy of `backbone` with its convolutions frozen (BatchNorm
-    included) and a zeroed output layer."""
+def classifier(backbone: SliceEncoder | None) -> nn.Module:
+    """A fresh SliceEncoder; or, for slices already through `backbone`'s frozen convolutions,
+    a copy of its fully connected layers with a zeroed output layer."""
     if backbone is None:
         return SliceEncoder()
-    model = copy.deepcopy(backbone)
-    model.convs.requires_grad_(False)
-    nn.init.zeros_(model.head.weight)
-    nn.init.zeros_(model.head.bias)
+    model = nn.Sequential(copy.deepcopy(backbone.hidden), copy.deepcopy(backbone.head),
+                          nn.Flatten(0))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
     return model
 
 
