@@ -177,8 +177,7 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
-        fills = run.inpaint(masked, temperature, seed, positions, settings.candidates,
-                            settings.gibbs_sweeps, settings.gibbs_proposals)
+        fills = run.inpaint(masked, temperature, seed, settings, positions)
         grids = {"reconstruction": indices, "raster": fills.raster,
                  "likeliest_above": fills.likeliest_above, "full": fills.full}
         decoded = {method: reconstructions if method == "reconstruction"

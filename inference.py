@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import checkpoint_path, load_prior, load_vqvae
+from config import InpaintSettings
 from dataset import Normalisation
 from distributed import all_reduce_sum, shard
 from graph_sampler import sample_with_cuda_graph
@@ -103,13 +104,13 @@ class Run:
                     method=self.sampler, positions=where).cpu()
 
     def inpaint(self, indices: torch.Tensor, temperature: float, seed: int,
-                positions: torch.Tensor | None = None, candidates: int = 1, sweeps: int = 0,
-                proposals: int = 2) -> Fills:
+                settings: InpaintSettings, positions: torch.Tensor | None = None) -> Fills:
         """Fill the −1 entries from the whole grid: see `inpaint_full_context`."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         where = None if positions is None else positions.to(self.device)
-        fills = inpaint_full_context(self.prior, indices.to(self.device), candidates, sweeps,
-                                     generator, proposals, temperature, self.sampler, where)
+        fills = inpaint_full_context(self.prior, indices.to(self.device), settings.candidates,
+                                     settings.gibbs_sweeps, generator, settings.gibbs_proposals,
+                                     temperature, self.sampler, where)
         return Fills(fills.raster.cpu(), fills.likeliest_above.cpu(), fills.full.cpu())
 
     def surprise(self, indices: torch.Tensor,

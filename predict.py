@@ -204,17 +204,18 @@ def run_predict(args: argparse.Namespace) -> Path:
     splits = dataset.load_splits(root, splits=wanted, spacing=run.spacing)
     test = splits["test"]
     out = run.path / "figures"
-    show = test.images[torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()]
+    shown = torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()
+    show, show_positions = test.images[shown], relative_positions(test.names)[shown]
     figure_reconstructions(run, show, out)
     figure_generated(run, generation_positions(args.n_samples, args.slice_position),
                      args.temperature, args.seed, out)
     figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png")
-    figure_inpainting(run, show, bottom_half_mask(), args.temperature, args.seed,
+    figure_inpainting(run, show, show_positions, bottom_half_mask(), args.temperature, args.seed,
                       args.settings.inpaint, out / "inpainting_bottom_half.png")
     if args.mask:
         mask = load_mask(args.mask, run.vqvae.cfg.n_codes)
-        figure_inpainting(run, show, mask, args.temperature, args.seed, args.settings.inpaint,
-                          out / "inpainting_custom.png")
+        figure_inpainting(run, show, show_positions, mask, args.temperature, args.seed,
+                          args.settings.inpaint, out / "inpainting_custom.png")
     if args.evaluate or args.reconstruct_dir:
         indices = run.encode(test.images)
         reconstructions = run.decode(indices)
