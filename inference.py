@@ -17,7 +17,7 @@ from graph_sampler import sample_with_cuda_graph
 from io_utils import RunError
 from masks import given_after_holes
 from modules import VQVAE, PixelCNN, bits
-from sampling import sample
+from sampling import sample, sample_particles
 from volumes import VOLUME_SPACING_MM
 
 
@@ -124,10 +124,11 @@ class Run:
 # ------------------------------------------------------------------ prior: whole-grid uses
 @dataclass
 class Fills:
-    """Completions of (B, H, W) grids with holes, chosen among the same raster-order candidates."""
+    """Completions of (B, H, W) grids with holes: raster-order baselines and the full-context
+    fill."""
     raster: torch.Tensor  # one ancestral sample: each site given only the sites before it
-    likeliest_above: torch.Tensor  # the candidate whose hole is likeliest given the sites before
-    full: torch.Tensor  # the candidate whose whole grid is likeliest, then any Gibbs sweeps
+    likeliest_above: torch.Tensor  # of the raster candidates, the one whose hole is likeliest
+    full: torch.Tensor  # of the particles, the one whose whole grid is likeliest; Gibbs sweeps
 
 
 @torch.no_grad()
@@ -139,14 +140,16 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, candidates: int
     included; given indices are kept.
 
     Raster order draws each hole site from p(site | earlier sites) and never sees the given
-    sites after it. So `candidates` raster fills are drawn per grid and the one whose whole grid
-    the prior finds likeliest is kept: the given sites after the hole score each candidate. That
-    is a point estimate, not a sample; `likeliest_above` is the same choice made from the hole's
-    own likelihood only, to tell what the context after the hole adds from what choosing the
-    likeliest adds. `sweeps` Gibbs sweeps then revisit each hole site (see `gibbs_sweeps`).
-    When no given index follows a hole, raster order already conditions on all of them: one
-    raster sample is every fill. `positions` (B,): relative slice positions, for a conditioned
-    prior.
+    sites after it. `full` draws `candidates` particles per grid by sequential Monte Carlo
+    (`sampling.sample_particles`: resampled by the given sites they pass, so that they follow
+    the context right of and between the hole's rows) and keeps the one whose whole grid the
+    prior finds likeliest (the given sites below the hole score it too): a point estimate, not
+    a sample. `sweeps` Gibbs sweeps then revisit each hole site (see `gibbs_sweeps`). For
+    comparison, `raster` is one plain raster fill and `likeliest_above` the one of `candidates`
+    raster fills whose hole is likeliest: what choosing a likely fill gives without the context
+    after the hole. When no given index follows a hole, raster order already conditions on all
+    of them: one raster sample is every fill. `positions` (B,): relative slice positions, for a
+    conditioned prior.
     """
     holes = indices == -1
     if positions is None:
@@ -154,18 +157,27 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, candidates: int
     if not given_after_holes(holes).any():
         grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
         return Fills(grids, grids, grids)
-    b, n = len(indices), candidates
-    pool_positions = positions.repeat_interleave(n)
-    pool = draw(prior, indices.repeat_interleave(n, 0), temperature, generator, method=sampler,
-                positions=pool_positions)
-    site_bits = torch.cat([surprise_bits(prior, grids, where) for grids, where in zip(
-        pool.split(64), pool_positions.split(64), strict=True)]).view(b, n, -1)
-    hole_bits = (site_bits * holes.flatten(1)[:, None]).sum(2)  # (B, N)
-    pool = pool.view(b, n, *indices.shape[1:])
-    rows = torch.arange(b, device=pool.device)
-    full = pool[rows, site_bits.sum(2).argmin(1)]
+    n = candidates
+    raster = draw(prior, indices.repeat_interleave(n, 0), temperature, generator,
+                  method=sampler, positions=positions.repeat_interleave(n))
+    hole_bits = (_pool_bits(prior, raster, positions, n) * holes.flatten(1)[:, None]).sum(2)
+    particles = sample_particles(prior, indices, n, temperature, generator, positions)
+    full = _choose(particles, _pool_bits(prior, particles, positions, n).sum(2), n)
     full = gibbs_sweeps(prior, full, holes, sweeps, generator, proposals, temperature, positions)
-    return Fills(pool[:, 0], pool[rows, hole_bits.argmin(1)], full)
+    return Fills(raster[::n], _choose(raster, hole_bits, n), full)
+
+
+def _pool_bits(prior: PixelCNN, pool: torch.Tensor, positions: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """(B·n, H, W) grids, n per grid → (B, n, H·W) bits at each site."""
+    where = positions.repeat_interleave(n)
+    return torch.cat([surprise_bits(prior, grids, p) for grids, p in zip(
+        pool.split(64), where.split(64), strict=True)]).view(len(positions), n, -1)
+
+
+def _choose(pool: torch.Tensor, cost: torch.Tensor, n: int) -> torch.Tensor:
+    """From (B·n, H, W) grids, n per grid, each grid's one with the lowest (B, n) cost."""
+    return pool.view(-1, n, *pool.shape[1:])[torch.arange(len(cost)), cost.argmin(1)]
 
 
 def gibbs_sweeps(prior: PixelCNN, grids: torch.Tensor, holes: torch.Tensor, sweeps: int,

@@ -72,6 +72,67 @@ def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
     return out, logits_used
 
 
+@torch.no_grad()
+def sample_particles(prior: PixelCNN, indices: torch.Tensor, particles: int,
+                     temperature: float = 1.0, generator: torch.Generator | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill every −1 in `indices` (B, H, W) with `particles` raster fills per grid, by sequential
+    Monte Carlo: (B · particles, H, W), grid b's particles at rows b·particles onwards.
+
+    Raster order never sees the given indices after a hole site. Here each particle carries a
+    weight, the probability of the given indices it has passed (in the rows that hold holes);
+    before a hole site is drawn, a grid whose weights' effective sample size fell below half its
+    particles is resampled in proportion to them. Particles then follow the given context to
+    the right of and between a hole's rows, not only above it. `positions` (B,): relative slice
+    positions, for a conditioned prior.
+    """
+    out = check_sample_input(indices, prior.cfg.n_codes).repeat_interleave(particles, 0)
+    where = None if positions is None else positions.repeat_interleave(particles)
+    columns: dict[int, list[int]] = {}  # row → columns with a hole in some grid
+    for r, c in sites_to_fill(out):
+        columns.setdefault(r, []).append(c)
+    if not columns:
+        return out
+    first_row, last_row = min(columns), max(columns)
+    log_weights = torch.zeros(len(out), dtype=torch.float64, device=out.device)
+    items = torch.arange(len(out), device=out.device)
+    with torch.inference_mode():
+        cache = _SamplingCache(prior, out, first_row, where)
+        for r in range(first_row, last_row + 1):
+            if r in columns:
+                cache.start_row(r)
+                # past the row's last hole only given sites remain: they weigh the particles
+                end = out.shape[2] if r < last_row else max(columns[r]) + 1
+                for c in range(end):
+                    logits = cache.logits(cache.advance(c))
+                    given = out[:, r, c] != -1
+                    if not given.all():  # a hole: resample first where the weights are spent
+                        _resample(cache, log_weights, particles, generator)
+                        _fill_site(out, r, c, logits, temperature, generator)
+                        cache.set_site(c, out[:, r, c])
+                    codes = out[:, r, c]
+                    log_p = torch.log_softmax(logits.double() / temperature, dim=1)[items, codes]
+                    log_weights += torch.where(given, log_p, 0.0)
+            if r < last_row:
+                cache.finish_row(r)
+    return out
+
+
+def _resample(cache: _SamplingCache, log_weights: torch.Tensor, particles: int,
+              generator: torch.Generator | None) -> None:
+    """Resample, within each grid's particles, the grids whose weights' effective sample size
+    is below half their particles; their weights are then equal again."""
+    weights = torch.softmax(log_weights.view(-1, particles), dim=1)  # (B, particles)
+    spent = 1 / weights.square().sum(1) < particles / 2
+    if not spent.any():
+        return
+    drawn = torch.multinomial(weights[spent], particles, replacement=True, generator=generator)
+    order = torch.arange(len(log_weights), device=log_weights.device).view(-1, particles)
+    order[spent] = drawn + order[spent, :1]
+    cache.reorder(order.flatten())
+    log_weights.view(-1, particles)[spent] = 0.0
+
+
 class _SamplingCache:
     """Exact incremental state of a PixelCNN while its grid (B, H, W) is filled in raster order.
 
@@ -162,6 +223,18 @@ class _SamplingCache:
         """Feed the chosen (B,) codes at `col` of the current row to the first layer."""
         first = self.layers[0]
         torch.index_select(self.embedding, 0, indices, out=self.rows[0][col + first.h_pad])
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Make batch item i a copy of item order[i], the grid and every cached state alike,
+        in place (the site plans hold views of them). Items with different conditions must
+        not be mixed: the biases are not reordered."""
+        self.grid.copy_(self.grid[order])
+        for i in range(len(self.layers)):
+            self.v_in[i].copy_(self.v_in[i][order])
+            self.v_above[i] = self.v_above[i][order]
+            self.rows[i].copy_(self.rows[i][:, order])
+            self.row_terms[i].copy_(self.row_terms[i][:, order])
+        self.output.copy_(self.output[:, order])
 
     def finish_row(self, r: int) -> None:
         """Recompute every layer's vertical stack at row r, which is now final."""
