@@ -131,7 +131,7 @@ def write_run_config(path: Path, profile_name: str, profile: Profile,
 @dataclass(frozen=True)
 class InpaintSettings:
     """How full-context inpainting fills a hole (`inference.inpaint_full_context`)."""
-    candidates: int  # raster fills to choose among
+    candidates: int  # particles to choose among (and raster fills for the baselines)
     gibbs_sweeps: int
     gibbs_proposals: int
 
@@ -145,7 +145,7 @@ class PredictSettings:
     seed: int = 0
     n_eval_samples: int = 64  # generated brains scored for memorisation and diversity
     n_inpaint: int = 8  # test images inpainted for the inpainting metrics
-    inpaint_candidates: int = 16  # full-context inpainting: raster fills to choose among ...
+    inpaint_candidates: int = 16  # full-context inpainting: particles to choose among ...
     gibbs_sweeps: int = 0  # ... then Gibbs sweeps over the masked sites, ...
     gibbs_proposals: int = 2  # ... each site choosing among this many drawn codes and its own
     n_surprise: int = 32  # test (and validation) slices that get a lesion (--surprise)

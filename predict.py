@@ -149,8 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-inpaint", type=int, default=d.n_inpaint,
                    help="test images inpainted for the inpainting metrics")
     p.add_argument("--inpaint-candidates", type=int, default=d.inpaint_candidates,
-                   help="full-context inpainting: raster fills drawn per image, of which the "
-                        "one the prior finds likeliest given the whole grid is kept")
+                   help="full-context inpainting: particles drawn per image (raster fills "
+                        "resampled by the given context), of which the one the prior finds "
+                        "likeliest given the whole grid is kept")
     p.add_argument("--gibbs-sweeps", type=int, default=d.gibbs_sweeps,
                    help="full-context inpainting: Gibbs sweeps over the masked sites after "
                         "that choice")
