@@ -56,16 +56,13 @@ def ssim_of_pairs(a: torch.Tensor, b: torch.Tensor, pairs: torch.Tensor,
     used_b, pair_b = pairs[:, 1].unique(return_inverse=True)
     a, b = _unit_tensor(a[used_a]), _unit_tensor(b[used_b])
     own_a, own_b = _own_moments(a), _own_moments(b)
-    c1, c2 = (0.01 * SSIM_SETTINGS["data_range"]) ** 2, (0.03 * SSIM_SETTINGS["data_range"]) ** 2
     scores = []
     for i, j in zip(pair_a.split(chunk), pair_b.split(chunk), strict=True):
-        # _ssim_map's terms, in place: these maps are the bulk of the work
         means = own_a[i, 0] * own_b[j, 0]  # μx μy
-        covariance = _gaussian_window_by_matmul(a[i] * b[j]).sub_(means)
-        numerator = means.mul_(2).add_(c1).mul_(covariance.mul_(2).add_(c2))
-        denominator = (own_a[i, 1] + own_b[j, 1]).add_(c1).mul_(
-            (own_a[i, 2] + own_b[j, 2]).add_(c2))
-        scores.append(numerator.div_(denominator).mean(dim=(-2, -1)))
+        covariance = _gaussian_window_by_matmul(a[i] * b[j]) - means
+        scores.append(_ssim_from_moments(means, own_a[i, 1] + own_b[j, 1],
+                                         own_a[i, 2] + own_b[j, 2], covariance)
+                      .mean(dim=(-2, -1)))
     return torch.cat(scores)
 
 
@@ -95,8 +92,8 @@ def _gaussian_window_by_matmul(images: torch.Tensor) -> torch.Tensor:
     """`_gaussian_window` of (..., H, W) as two banded matrix products: on the CPU ~3× faster
     than a one-channel convolution, for scoring many pairs (the training loss keeps the
     convolution, so that runs keep their numbers)."""
-    rows = _banded(_gaussian_kernel(images), images.shape[-2])  # (H, H − 10)
-    columns = _banded(_gaussian_kernel(images), images.shape[-1])  # (W, W − 10)
+    kernel = _gaussian_kernel(images)
+    rows, columns = _banded(kernel, images.shape[-2]), _banded(kernel, images.shape[-1])
     return rows.T @ images @ columns
 
 
@@ -122,9 +119,15 @@ def _ssim_map(mean_x: torch.Tensor, mean_y: torch.Tensor, xx: torch.Tensor, yy: 
               xy: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM from windowed means and second moments."""
     var_x, var_y, cov = xx - mean_x ** 2, yy - mean_y ** 2, xy - mean_x * mean_y
+    return _ssim_from_moments(mean_x * mean_y, mean_x ** 2 + mean_y ** 2, var_x + var_y, cov)
+
+
+def _ssim_from_moments(mean_product: torch.Tensor, mean_squares: torch.Tensor,
+                       variances: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """SSIM from μx μy, μx² + μy², σx² + σy² and σxy (any shape alike)."""
     c1, c2 = (0.01 * SSIM_SETTINGS["data_range"]) ** 2, (0.03 * SSIM_SETTINGS["data_range"]) ** 2
-    return ((2 * mean_x * mean_y + c1) * (2 * cov + c2)
-            / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2)))
+    return ((2 * mean_product + c1) * (2 * covariance + c2)
+            / ((mean_squares + c1) * (variances + c2)))
 
 
 def psnr(reference: np.ndarray, image: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -48,9 +48,7 @@ def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
     b, height, width = out.shape
     logits_used = torch.full((b, prior.cfg.n_codes, height, width), float("nan"),
                              device=out.device)
-    columns: dict[int, set[int]] = {}  # row → columns to fill
-    for r, c in sites_to_fill(out):
-        columns.setdefault(r, set()).add(c)
+    columns = columns_to_fill(out)
     if not columns:
         return out, logits_used
     first_row, last_row = min(columns), max(columns)
@@ -88,9 +86,7 @@ def sample_particles(prior: PixelCNN, indices: torch.Tensor, particles: int,
     """
     out = check_sample_input(indices, prior.cfg.n_codes).repeat_interleave(particles, 0)
     where = None if positions is None else positions.repeat_interleave(particles)
-    columns: dict[int, list[int]] = {}  # row → columns with a hole in some grid
-    for r, c in sites_to_fill(out):
-        columns.setdefault(r, []).append(c)
+    columns = columns_to_fill(out)
     if not columns:
         return out
     first_row, last_row = min(columns), max(columns)
@@ -272,6 +268,14 @@ def sites_to_fill(indices: torch.Tensor) -> list[tuple[int, int]]:
     """Raster-order sites where at least one batch item has −1."""
     rows, cols = torch.nonzero((indices == -1).any(dim=0), as_tuple=True)
     return list(zip(rows.tolist(), cols.tolist(), strict=True))
+
+
+def columns_to_fill(indices: torch.Tensor) -> dict[int, set[int]]:
+    """Row → the columns where at least one batch item has −1 (rows with none left out)."""
+    columns: dict[int, set[int]] = {}
+    for r, c in sites_to_fill(indices):
+        columns.setdefault(r, set()).add(c)
+    return columns
 
 
 def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperature: float,
