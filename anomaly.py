@@ -92,17 +92,28 @@ def lesion_study(run: Run, images: torch.Tensor, seed: int,
 
 def surprise_metrics(study: LesionStudy) -> dict[str, float]:
     """Mean surprise (bits) at the lesion's sites (any pixel of their patch within the lesion's
-    radius; and the core: at least half of it), at the same sites without the lesion, and at
-    the rest of the brain (lesioned slices)."""
-    core = site_coverage(study.lesion_pixels, study.lesion_sites.shape[-1]) >= 0.5
+    radius; and the core: at least half of it), at the lesion's pixels (each scored by its
+    site), at the same sites or pixels without the lesion, and at the rest of the brain
+    (lesioned slices)."""
+    coverage = site_coverage(study.lesion_pixels, study.lesion_sites.shape[-1])
+    core = coverage >= 0.5
     return {
         "surprise_lesion_bits": float(study.lesion_bits[study.lesion_sites].mean()),
         "surprise_lesion_sites_clean_bits": float(study.clean_bits[study.lesion_sites].mean()),
         "surprise_lesion_core_bits": float(study.lesion_bits[core].mean()),
         "surprise_lesion_core_clean_bits": float(study.clean_bits[core].mean()),
+        "surprise_lesion_pixels_bits": _weighted_mean(study.lesion_bits, coverage),
+        "surprise_lesion_pixels_clean_bits": _weighted_mean(study.clean_bits, coverage),
         "surprise_brain_bits": float(study.lesion_bits[study.brain_sites].mean()),
         "surprise_n_images": len(study.clean),
     }
+
+
+def _weighted_mean(bits: np.ndarray, coverage: np.ndarray) -> float:
+    """Mean of site `bits` weighted by each site's lesion `coverage`: the mean over the lesion's
+    pixels of their sites' bits. A site the lesion's rim barely touches counts for the few
+    pixels it holds, not as much as one the lesion fills."""
+    return float((bits * coverage).sum() / coverage.sum())
 
 
 # ---------------------------------------------------------------------- healing

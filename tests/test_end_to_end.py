@@ -171,6 +171,7 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
     surprise = json.loads((run / "surprise.json").read_text())
     assert set(surprise) == {"surprise_lesion_bits", "surprise_lesion_sites_clean_bits",
                              "surprise_lesion_core_bits", "surprise_lesion_core_clean_bits",
+                             "surprise_lesion_pixels_bits", "surprise_lesion_pixels_clean_bits",
                              "surprise_brain_bits", "surprise_n_images", "lesion_auprc",
                              "lesion_dice", "lesion_auprc_random_map",
                              "lesion_auprc_true_difference", "heal_threshold_bits",

@@ -217,6 +217,27 @@ def test_healed_maps_mark_what_is_brighter_than_every_healing_where_surprise_clu
     assert (maps[0][~lesion] == 0).all()
 
 
+def test_surprise_at_lesion_pixels_weights_each_site_by_the_share_the_lesion_covers():
+    """A 4×4-site grid of 2-px patches: the lesion fills site (1, 1) and a quarter of (1, 2).
+    By touched sites the barely covered one counts in full; by pixels it counts a quarter."""
+    pixels = np.zeros((1, 8, 8), bool)
+    pixels[0, 2:4, 2:4] = True  # all of site (1, 1)
+    pixels[0, 2, 4] = True  # one of the four pixels of site (1, 2)
+    clean_bits = np.full((1, 4, 4), 2.0)
+    lesion_bits = clean_bits.copy()
+    lesion_bits[0, 1, 1], lesion_bits[0, 1, 2] = 12.0, 2.0
+    sites = masks.pixels_to_sites(pixels[0], 4)[None]
+    study = anomaly.LesionStudy(
+        clean=np.zeros((1, 8, 8)), lesioned=None, clean_bits=clean_bits, lesion_bits=lesion_bits,
+        lesion_pixels=pixels, lesion_sites=sites, brain_sites=~sites, brain_pixels=None,
+        lesion_indices=None, positions=None)
+    scores = anomaly.surprise_metrics(study)
+    assert math.isclose(scores["surprise_lesion_bits"], 7.0)  # (12 + 2) / 2 sites
+    assert math.isclose(scores["surprise_lesion_pixels_bits"], (4 * 12 + 2) / 5)
+    assert math.isclose(scores["surprise_lesion_pixels_clean_bits"], 2.0)
+    assert math.isclose(scores["surprise_lesion_core_bits"], 12.0)
+
+
 def test_per_slice_position_groups_names_by_slice_index():
     names = ["case_001_slice_2.nii.png", "case_002_slice_2.nii.png",
              "case_001_slice_10.nii.png", "other.png"]
