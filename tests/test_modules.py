@@ -9,6 +9,7 @@ from modules import (
     VQVAEConfig,
     principal_components,
 )
+from priors import random_prior
 from sampling import sample, sample_cached
 
 SMALL_VQ = VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32)
@@ -138,13 +139,8 @@ def test_bits_per_index_of_uniform_prior_is_log2_k():
     assert abs(bits.item() - 4.0) < 1e-5
 
 
-def _prior_for_sampling():
-    torch.manual_seed(0)
-    return PixelCNN(PriorConfig(n_codes=24, channels=12, dilations=(1, 2, 4, 1))).eval()
-
-
 def test_fast_sampler_matches_naive_exactly_for_generation_and_inpainting():
-    model = _prior_for_sampling()
+    model = random_prior(dilations=(1, 2, 4, 1))
     given = torch.randint(24, (3, 9, 7))
     square = given.clone()
     square[:, 3:6, 2:5] = -1
@@ -156,7 +152,7 @@ def test_fast_sampler_matches_naive_exactly_for_generation_and_inpainting():
 
 
 def test_fast_sampler_logits_match_a_full_forward_pass_on_the_final_grid():
-    model = _prior_for_sampling()
+    model = random_prior(dilations=(1, 2, 4, 1))
     grid = torch.randint(24, (2, 8, 8))
     grid[:, 2:, 3:] = -1
     out, logits = sample_cached(model, grid.clone(), 1.0, torch.Generator().manual_seed(0))
@@ -196,17 +192,8 @@ def test_prior_embedding_from_codebook_puts_similar_codes_close():
         model.embed_like(codebook[:10])
 
 
-def _conditioned_prior(grid_size=8):
-    torch.manual_seed(0)
-    model = PixelCNN(PriorConfig(n_codes=24, channels=12, dilations=(1, 2, 1),
-                                 grid_size=grid_size, slice_bins=5)).eval()
-    with torch.no_grad():  # trained-size condition vectors, so that they matter
-        model.slice_embedding.weight.normal_(0, 1)
-    return model
-
-
 def test_slice_position_conditions_every_site_and_unknown_has_its_own_vector():
-    model = _conditioned_prior()
+    model = random_prior(slice_bins=5, grid_size=8)
     grid = torch.randint(24, (3, 8, 8))
     low, high = torch.zeros(3), torch.ones(3)
     assert (model(grid, low) - model(grid, high)).abs().amax(dim=(0, 1)).min() > 0
@@ -219,7 +206,7 @@ def test_slice_position_conditions_every_site_and_unknown_has_its_own_vector():
 
 
 def test_a_conditioned_prior_stays_causal():
-    model = _conditioned_prior().double()
+    model = random_prior(slice_bins=5, grid_size=8).double()
     grid = torch.randint(24, (1, 6, 6))
     where = torch.tensor([0.3])
     changed = grid.clone()
@@ -232,7 +219,7 @@ def test_a_conditioned_prior_stays_causal():
 
 @pytest.mark.parametrize("grid_size", [8, 0])
 def test_fast_sampler_matches_naive_with_slice_positions(grid_size):
-    model = _conditioned_prior(grid_size)
+    model = random_prior(slice_bins=5, grid_size=grid_size)
     grid = torch.full((3, 8, 8), -1)
     grid[1, :4] = torch.randint(24, (4, 8))
     where = torch.tensor([0.1, float("nan"), 0.9])

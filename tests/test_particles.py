@@ -2,17 +2,8 @@
 import torch
 
 from modules import PixelCNN, PriorConfig, bits
+from priors import random_prior
 from sampling import _SamplingCache, sample, sample_particles
-
-
-def _prior(sharpness: float = 1.0, **config) -> PixelCNN:
-    torch.manual_seed(0)
-    model = PixelCNN(PriorConfig(n_codes=24, channels=12, dilations=(1, 2, 1), **config)).eval()
-    with torch.no_grad():  # sharper conditionals: a site's code then depends on its context
-        model.head[3].weight.mul_(sharpness)
-        if config.get("slice_bins"):
-            model.slice_embedding.weight.normal_(0, 1)
-    return model
 
 
 def _square_holes(n: int) -> torch.Tensor:
@@ -22,12 +13,12 @@ def _square_holes(n: int) -> torch.Tensor:
 
 
 def test_one_particle_is_the_raster_sampler():
-    model = _prior()
+    model = random_prior()
     grid = _square_holes(3)
     grid[0, 7, 6] = -1  # a lone hole after the square, in one grid only
     ours = sample_particles(model, grid, 1, 1.0, torch.Generator().manual_seed(5))
     assert torch.equal(ours, sample(model, grid, 1.0, torch.Generator().manual_seed(5)))
-    conditioned = _prior(grid_size=8, slice_bins=5)
+    conditioned = random_prior(grid_size=8, slice_bins=5)
     where = torch.tensor([0.1, float("nan"), 0.9])
     ours = sample_particles(conditioned, grid, 1, 1.0, torch.Generator().manual_seed(5), where)
     assert torch.equal(ours, sample(conditioned, grid, 1.0, torch.Generator().manual_seed(5),
@@ -36,14 +27,14 @@ def test_one_particle_is_the_raster_sampler():
 
 def test_particles_keep_the_given_codes_and_fill_every_hole():
     grid = _square_holes(2)
-    out = sample_particles(_prior(), grid, 5, 1.0, torch.Generator().manual_seed(0))
+    out = sample_particles(random_prior(), grid, 5, 1.0, torch.Generator().manual_seed(0))
     assert out.shape == (10, 8, 8) and (out >= 0).all()
     given = (grid != -1).repeat_interleave(5, 0)
     assert torch.equal(out[given], grid.repeat_interleave(5, 0)[given])
 
 
 def test_a_reordered_cache_still_gives_the_forward_pass_logits():
-    model = _prior()
+    model = random_prior()
     grid = torch.randint(24, (4, 8, 8), generator=torch.Generator().manual_seed(2))
     original = grid.clone()
     with torch.inference_mode():

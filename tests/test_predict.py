@@ -12,7 +12,7 @@ import evaluation
 import inference
 import masks
 from io_utils import RunError
-from modules import PixelCNN, PriorConfig
+from priors import random_prior
 from sampling import sample, sample_particles
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,11 +21,7 @@ DEMO_RUN = REPO / "runs" / "demo"
 
 @pytest.fixture(scope="module")
 def prior():
-    torch.manual_seed(0)
-    model = PixelCNN(PriorConfig(n_codes=6, channels=8, dilations=(1, 2, 1), grid_size=8))
-    with torch.no_grad():  # a random model is near uniform; sharpen it so sites interact
-        model.head[-1].weight.mul_(20)
-    return model.eval()
+    return random_prior(sharpness=20, n_codes=6, channels=8, grid_size=8)
 
 
 def _grids(n=3, size=8, seed=0):
