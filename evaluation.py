@@ -180,20 +180,33 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
         fills = run.inpaint(masked, temperature, seed, settings, positions)
         grids = {"reconstruction": indices, "raster": fills.raster,
                  "likeliest_above": fills.likeliest_above, "full": fills.full}
-        decoded = {method: reconstructions if method == "reconstruction"
-                   else run.decode(grids[method]) for method in INPAINT_METHODS}
         pixels = sites_to_pixels(mask, images.shape[-1])
         context = given_after_holes(masked == -1)
-        for method, completed in decoded.items():
-            scores = mean_scores([masked_scores(o, c, pixels)
-                                  for o, c in zip(originals, completed, strict=True)])
-            if context.any():
-                surprise = run.surprise(grids[method], positions)
-                scores["context_bits"] = surprise[context].mean().item()
-            for key, value in scores.items():
-                metrics[f"inpaint_{name}_{method}_{key}"] = value
-        completions[name] = Inpainting(originals, mask, decoded["raster"], decoded["full"])
+        decoded, scored = {}, {}  # by id: with no context after the hole, fills are one tensor
+        for method in INPAINT_METHODS:
+            key = id(grids[method])
+            if key not in decoded:
+                decoded[key] = reconstructions if method == "reconstruction" \
+                    else run.decode(grids[method])
+                scored[key] = _fill_scores(run, originals, grids[method], decoded[key], pixels,
+                                           context, positions)
+            for score, value in scored[key].items():
+                metrics[f"inpaint_{name}_{method}_{score}"] = value
+        completions[name] = Inpainting(originals, mask, decoded[id(fills.raster)],
+                                       decoded[id(fills.full)])
     return metrics, completions
+
+
+def _fill_scores(run: Run, originals: np.ndarray, grids: torch.Tensor, completed: np.ndarray,
+                 pixels: np.ndarray, context: torch.Tensor,
+                 positions: torch.Tensor | None) -> dict[str, float]:
+    """SSIM and PSNR of the `completed` images on the hole's `pixels`; where given sites
+    follow the hole (`context`), their mean surprise given the fill `grids`."""
+    scores = mean_scores([masked_scores(o, c, pixels)
+                          for o, c in zip(originals, completed, strict=True)])
+    if context.any():
+        scores["context_bits"] = run.surprise(grids, positions)[context].mean().item()
+    return scores
 
 
 def mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:

@@ -205,7 +205,7 @@ def run_predict(args: argparse.Namespace) -> Path:
     splits = dataset.load_splits(root, splits=wanted, spacing=run.spacing)
     test = splits["test"]
     out = run.path / "figures"
-    shown = torch.linspace(0, len(test) - 1, min(args.n_show, len(test))).long()
+    shown = evenly_spaced(len(test), args.n_show)
     show, show_positions = test.images[shown], relative_positions(test.names)[shown]
     figure_reconstructions(run, show, out)
     figure_generated(run, generation_positions(args.n_samples, args.slice_position),
