@@ -23,7 +23,7 @@ from metrics import (
     mean_scores,
     ssim_of_pairs,
 )
-from slices import SliceSet, relative_positions, slice_index
+from slices import SliceSet, evenly_spaced, relative_positions, slice_index
 
 MEMORISED_SSIM = 0.98  # samples this close to training images on average are taken for copies
 NN_SIDE = 64  # images are compared by L2 at this size to shortlist nearest neighbours ...
@@ -34,11 +34,6 @@ NN_CANDIDATES = 16  # ... and this many per query are then scored by SSIM
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images in [0, 1] → uint8, as they would be saved to 8-bit PNG."""
     return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-
-
-def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
-    """Up to n indices spread evenly over range(n_total), first and last included."""
-    return torch.linspace(0, n_total - 1, min(n, n_total)).round().long().unique()
 
 
 # ------------------------------------------------------------------- reconstructions

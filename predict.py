@@ -27,7 +27,7 @@ import evaluation
 import generation
 from checkpoints import CONFIG_FILE, load_indices
 from distributed import DEVICES, choose_device
-from evaluation import evenly_spaced, to_uint8
+from evaluation import to_uint8
 from figures import (
     figure_generated,
     figure_generated_stack,
@@ -42,7 +42,7 @@ from figures import (
 from inference import Run
 from io_utils import RunError, write_json
 from masks import INPAINT_MASKS, bottom_half_mask, load_mask
-from slices import DatasetError, SliceSet, relative_positions
+from slices import DatasetError, SliceSet, evenly_spaced, relative_positions
 
 # ---- Edit this, or override it with --run ------------------------------------------------------
 RUN_DIR = "runs/demo"

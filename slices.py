@@ -52,6 +52,11 @@ def case_id(name: str | Path) -> str | None:
     return match["case"] if match else None
 
 
+def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
+    """Up to n indices spread evenly over range(n_total), first and last included."""
+    return torch.linspace(0, n_total - 1, min(n, n_total)).round().long().unique()
+
+
 def relative_positions(names: list[str]) -> torch.Tensor:
     """(N,) float32: each slice's relative axial position in its case or volume, 0 for its
     lowest slice and 1 for its highest, from `case_X_slice_Y` / `<volume>_slice_<z>` names; NaN

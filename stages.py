@@ -22,7 +22,7 @@ from io_utils import load_checkpoint, save_checkpoint, write_csv, write_json
 from metrics import batch_scores, codebook_stats, codebook_stats_from_counts, ssim_torch
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig, at_least_fp32, bits
 from plots import save_grid, save_loss_curves
-from slices import SliceSet, relative_positions
+from slices import SliceSet, evenly_spaced, relative_positions
 
 N_GRID_IMAGES = 6  # validation images shown in the per-epoch reconstruction grid
 
@@ -180,7 +180,7 @@ def train_vqvae(cfg: VQVAEConfig, settings: StageSettings, splits: dict[str, Sli
     train_images, val_images = splits["train"].images, splits["validate"].images
     norm = compute_normalisation(train_images)
     model = VQVAE(cfg).to(device).to(memory_format=torch.channels_last)
-    grid_images = val_images[torch.linspace(0, len(val_images) - 1, N_GRID_IMAGES).long()]
+    grid_images = val_images[evenly_spaced(len(val_images), N_GRID_IMAGES)]
 
     def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
         save_reconstruction_grid(model, grid_images, norm, device,

@@ -15,6 +15,7 @@ from slices import (
     DatasetError,
     case_id,
     centre_fit,
+    evenly_spaced,
     relative_positions,
     slice_index,
 )
@@ -235,6 +236,13 @@ def test_normalisation_survives_a_weights_only_checkpoint(tmp_path):
     assert Normalisation.from_dict(loaded["normalisation"]) == norm
     with pytest.raises(ValueError):
         Normalisation(mean=0.5, std=0.0)
+
+
+def test_evenly_spaced_takes_both_ends_rounds_and_never_repeats():
+    assert evenly_spaced(10, 4).tolist() == [0, 3, 6, 9]
+    assert evenly_spaced(11, 4).tolist() == [0, 3, 7, 10]  # 3.33 and 6.67, rounded
+    assert evenly_spaced(3, 8).tolist() == [0, 1, 2]
+    assert evenly_spaced(5, 1).tolist() == [0]
 
 
 def test_relative_positions_run_from_each_cases_lowest_to_its_highest_slice():

@@ -14,6 +14,7 @@ import masks
 from io_utils import RunError
 from priors import random_prior
 from sampling import sample, sample_particles
+from slices import evenly_spaced
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RUN = REPO / "runs" / "demo"
@@ -265,7 +266,7 @@ def test_demo_prior_is_surprised_by_a_lesion():
     if not root.is_dir():
         pytest.skip(f"demo data {root} not built")
     test = dataset.load_split(dataset.find_split_dirs(root)["test"])
-    study = anomaly.lesion_study(run, test.images[evaluation.evenly_spaced(len(test), 8)], 0)
+    study = anomaly.lesion_study(run, test.images[evenly_spaced(len(test), 8)], 0)
     scores = anomaly.surprise_metrics(study)
     assert scores["surprise_lesion_bits"] > scores["surprise_brain_bits"]
 
