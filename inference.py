@@ -34,12 +34,19 @@ def to_model_input(images: torch.Tensor, norm: Normalisation,
     return norm.normalise(images.to(device)).contiguous(memory_format=torch.channels_last)
 
 
+def vqvae_batch(device: torch.device) -> int:
+    """Slices per VQ-VAE pass when encoding or decoding. On a CPU small batches stay in cache:
+    8 ran ~1.5× faster than 64 on the demo machine, with the same indices and images bit for
+    bit; a GPU wants large ones."""
+    return 8 if device.type == "cpu" else 64
+
+
 @torch.no_grad()
 def encode_images(model: VQVAE, images: torch.Tensor, norm: Normalisation,
-                  device: torch.device, batch_size: int = 64) -> torch.Tensor:
+                  device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W) → int16 (N, 32, 32) code indices."""
     out = [model.image_to_indices(to_model_input(images[b], norm, device)).cpu()
-           for b in torch.arange(len(images)).split(batch_size)]
+           for b in torch.arange(len(images)).split(vqvae_batch(device))]
     return torch.cat(out).to(torch.int16)
 
 
@@ -92,7 +99,7 @@ class Run:
     def decode(self, indices: torch.Tensor) -> np.ndarray:
         """(B, 32, 32) indices → (B, 256, 256) images in [0, 1]."""
         images = [self.vqvae.indices_to_image(b.to(self.device)).float().cpu()
-                  for b in indices.split(32)]
+                  for b in indices.split(vqvae_batch(self.device))]
         return self.norm.denormalise(torch.cat(images))[:, 0].numpy()
 
     def sample(self, indices: torch.Tensor, temperature: float, seed: int,

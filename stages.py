@@ -72,8 +72,11 @@ def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int,
 
 def make_optimiser(model: torch.nn.Module, stage: StageSettings,
                    device: torch.device) -> torch.optim.Optimizer:
+    # On a CPU the multi-tensor (foreach) step makes the same updates as the per-tensor loop,
+    # bit for bit, in ~70% of its time; the fused one is faster still but rounds differently.
+    cuda = device.type == "cuda"
     return torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay,
-                             fused=device.type == "cuda")
+                             fused=cuda, foreach=not cuda)
 
 
 def write_history(run: Path, stage: str, history: list[dict[str, float]], keys: list[str],

@@ -4,8 +4,8 @@ from config import PROFILES, StageSettings
 from dataset import Normalisation
 from engine import epoch_batches
 from metrics import ssim_torch
-from modules import VQVAE
-from stages import random_crops, vqvae_losses
+from modules import VQVAE, PixelCNN, PriorConfig
+from stages import make_optimiser, random_crops, vqvae_losses
 from train import parse_args, resolve_profile
 
 
@@ -58,3 +58,24 @@ def test_ssim_weight_adds_one_minus_ssim_on_unit_scale_pixels():
     expected = 0.5 * (1 - ssim_torch(x * 0.3 + 0.2, reconstruction * 0.3 + 0.2))
     assert torch.isclose(with_ssim["loss"] - plain["loss"], expected, atol=1e-6)
     assert expected > 0
+
+
+def test_cpu_optimiser_steps_equal_the_per_tensor_loop_bit_for_bit():
+    """make_optimiser's multi-tensor step on a CPU changes no result, only the time."""
+    torch.manual_seed(0)
+    ours = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2), grid_size=8))
+    reference = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2), grid_size=8))
+    reference.load_state_dict(ours.state_dict())
+    settings = StageSettings(epochs=1, batch_size=4, lr=5e-3, weight_decay=0.01)
+    optimisers = [make_optimiser(ours, settings, torch.device("cpu")),
+                  torch.optim.AdamW(reference.parameters(), lr=5e-3, weight_decay=0.01,
+                                    foreach=False)]
+    grids = torch.randint(16, (5, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    for batch in grids:
+        for model, optimiser in zip((ours, reference), optimisers, strict=True):
+            optimiser.zero_grad()
+            model.bits_per_index(batch).backward()
+            optimiser.step()
+    assert optimisers[0].defaults["foreach"] and not optimisers[1].defaults["foreach"]
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
