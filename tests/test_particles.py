@@ -56,6 +56,9 @@ def test_a_reordered_cache_still_gives_the_forward_pass_logits():
     torch.testing.assert_close(next_row, full[:, :, 4, 0], rtol=1e-4, atol=1e-5)
 
 
+STEPS = 100
+
+
 def _row_copying_prior() -> PixelCNN:
     """A prior trained on grids whose rows each repeat one random code: a row's first site is
     anyone's guess, every later one copies its left neighbour."""
@@ -71,8 +74,6 @@ def _row_copying_prior() -> PixelCNN:
         optimiser.step()
     return model.eval()
 
-
-STEPS = 100
 
 
 def test_particles_follow_the_context_after_the_hole():

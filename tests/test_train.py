@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from config import PROFILES, StageSettings
@@ -64,8 +66,7 @@ def test_cpu_optimiser_steps_equal_the_per_tensor_loop_bit_for_bit():
     """make_optimiser's multi-tensor step on a CPU changes no result, only the time."""
     torch.manual_seed(0)
     ours = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2), grid_size=8))
-    reference = PixelCNN(PriorConfig(n_codes=16, channels=8, dilations=(1, 2), grid_size=8))
-    reference.load_state_dict(ours.state_dict())
+    reference = copy.deepcopy(ours)
     settings = StageSettings(epochs=1, batch_size=4, lr=5e-3, weight_decay=0.01)
     optimisers = [make_optimiser(ours, settings, torch.device("cpu")),
                   torch.optim.AdamW(reference.parameters(), lr=5e-3, weight_decay=0.01,
