@@ -1,12 +1,21 @@
-"""Choose the sampling temperature of a run's prior on the validation split: for each
-temperature and seed, generate brains at the validation slices' levels and score them against
-VQ-VAE reconstructions of the validation slices (generation.py's two-sample test and Fréchet
-distance); the temperature with the lowest mean two-sample accuracy is chosen where it beats
-1.0 by more than the seeds' noise. The same samples' scores against the test slices are printed
-beside them, for reading, not for choosing. Writes
-RUN/temperature.json; pass the chosen value to predict.py with --temperature.
+"""Choose a sampling temperature of a run's prior on the validation split, for one task:
+
+- generation (default): for each temperature and seed, generate brains at the validation
+  slices' levels and score them against VQ-VAE reconstructions of the validation slices
+  (generation.py's two-sample test and Fréchet distance); the temperature with the lowest mean
+  two-sample accuracy is chosen. The same samples' scores against the test slices are printed
+  beside them, for reading, not for choosing. Writes RUN/temperature.json; pass the chosen
+  value to predict.py with --temperature.
+- inpainting: for each temperature and seed, inpaint the centre square of validation slices
+  (and, for reading, of test slices) as predict.py does; the temperature whose full-context
+  fills have the highest mean SSIM in the hole is chosen. Writes RUN/inpaint_temperature.json;
+  pass the chosen value with --inpaint-temperature.
+
+Either way a temperature is chosen over 1.0, the prior's own distribution, only where it beats
+it by more than the seeds' noise.
 
     python choose_temperature.py --run runs/demo --temperatures 0.9 1.0 --seeds 0 1 2
+    python choose_temperature.py --run runs/demo --task inpainting --temperatures 0.6 1.0
 """
 from __future__ import annotations
 
@@ -19,14 +28,18 @@ import numpy as np
 import torch
 
 import generation
+from config import PredictSettings
 from dataset import load_splits
 from distributed import DEVICES, choose_device
-from evaluation import to_uint8
+from evaluation import INPAINT_METHODS, inpainting_metrics, to_uint8
 from inference import Run
 from io_utils import RunError, write_json
-from slices import DatasetError
+from masks import centre_square_mask
+from slices import DatasetError, SliceSet, evenly_spaced, relative_positions
 
 SCORES = ("c2st_accuracy", "sample_fd", "sample_position_mae")
+FILLS = INPAINT_METHODS[1:]  # raster, likeliest_above, full: the reconstruction needs no prior
+INPAINT_SCORES = tuple(f"{fill}_ssim" for fill in FILLS)
 
 
 def validation_side(reference: generation.RealReference) -> generation.RealReference:
@@ -57,28 +70,57 @@ def score_temperatures(run: Run, reference: generation.RealReference,
     return results
 
 
-def chosen_temperature(results: dict) -> float:
-    """The temperature whose samples the validation two-sample test tells apart least; but
-    1.0, the prior's own distribution, unless that one beats it by more than two standard
-    errors of the difference between their means over the seeds."""
-    accuracy = {float(t): np.asarray(sides["validate"]["c2st_accuracy"])
-                for t, sides in results.items()}
-    best = min(accuracy, key=lambda t: accuracy[t].mean())
-    if 1.0 not in accuracy or best == 1.0:
+def score_inpainting_temperatures(run: Run, sides: dict[str, SliceSet],
+                                  temperatures: list[float], seeds: list[int],
+                                  n: int) -> dict:
+    """{temperature: {side: {score: [one value per seed]}}}: SSIM in the centre square of `n`
+    slices of each side, for each fill of `evaluation.inpainting_metrics` at that temperature
+    (the other inpainting settings as predict.py's defaults)."""
+    defaults = PredictSettings().inpaint
+    chosen = {side: evenly_spaced(len(slices), n) for side, slices in sides.items()}
+    results: dict = {}
+    for temperature in temperatures:
+        settings = replace(defaults, temperature=temperature)
+        scores = {side: {name: [] for name in INPAINT_SCORES} for side in sides}
+        for seed in seeds:
+            for side, slices in sides.items():
+                metrics, _ = inpainting_metrics(
+                    run, slices.images[chosen[side]], {"centre_square": centre_square_mask()},
+                    seed, settings, relative_positions(slices.names)[chosen[side]])
+                for fill in FILLS:
+                    scores[side][f"{fill}_ssim"].append(
+                        metrics[f"inpaint_centre_square_{fill}_ssim"])
+            print(f"temperature {temperature} seed {seed}: " + ", ".join(
+                f"{side} full {scores[side]['full_ssim'][-1]:.3f}" for side in sides),
+                flush=True)
+        results[str(temperature)] = scores
+    return results
+
+
+def chosen_temperature(results: dict, score: str = "c2st_accuracy",
+                       higher_is_better: bool = False) -> float:
+    """The temperature with the best mean validation `score` (by default: whose samples the
+    two-sample test tells apart least); but 1.0, the prior's own distribution, unless that one
+    beats it by more than two standard errors of the difference between their means over the
+    seeds."""
+    sign = -1.0 if higher_is_better else 1.0  # as costs: lower is better
+    cost = {float(t): sign * np.asarray(sides["validate"][score]) for t, sides in results.items()}
+    best = min(cost, key=lambda t: cost[t].mean())
+    if 1.0 not in cost or best == 1.0:
         return best
-    a, b = accuracy[best], accuracy[1.0]
+    a, b = cost[best], cost[1.0]
     standard_error = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) \
         if min(len(a), len(b)) > 1 else 0.0
     return best if b.mean() - a.mean() > 2 * standard_error else 1.0
 
 
-def print_table(results: dict) -> None:
-    print("| temperature | side | " + " | ".join(SCORES) + " |")
-    print("|---|---|" + "---|" * len(SCORES))
+def print_table(results: dict, names: tuple[str, ...]) -> None:
+    print("| temperature | side | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for temperature, sides in results.items():
         for side, scores in sides.items():
             cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–"
-                     for v in (scores[name] for name in SCORES)]
+                     for v in (scores[name] for name in names)]
             print(f"| {temperature} | {side} | " + " | ".join(cells) + " |")
 
 
@@ -88,36 +130,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", default="runs/demo", help="run folder written by train.py")
     p.add_argument("--data", help="dataset root (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--task", choices=["generation", "inpainting"], default="generation")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.9, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-samples", type=int, default=64, help="generated brains per seed")
+    p.add_argument("--n-samples", type=int, default=64,
+                   help="generation: brains generated per seed")
+    p.add_argument("--n-inpaint", type=int, default=32,
+                   help="inpainting: slices of each split inpainted per seed")
     args = p.parse_args(argv)
     if min(args.temperatures) <= 0:
         p.error("--temperatures must be positive")
     if args.n_samples < 2:
         p.error("--n-samples must be at least 2")
+    if args.n_inpaint < 1:
+        p.error("--n-inpaint must be at least 1")
     return args
+
+
+def choose_for_generation(run: Run, splits: dict[str, SliceSet],
+                          args: argparse.Namespace) -> None:
+    test = splits["test"]
+    reference = generation.real_reference(
+        run, splits["train"], splits["validate"], test, run.decode(run.encode(test.images)),
+        seed=0)
+    results = score_temperatures(run, reference, args.temperatures, args.seeds, args.n_samples)
+    print_table(results, SCORES)
+    chosen = chosen_temperature(results)
+    print(f"chosen on validation: temperature {chosen}")
+    write_json({"chosen": chosen, "seeds": args.seeds, "n_samples": args.n_samples,
+                "scores": results}, run.path / "temperature.json")
+
+
+def choose_for_inpainting(run: Run, splits: dict[str, SliceSet],
+                          args: argparse.Namespace) -> None:
+    results = score_inpainting_temperatures(run, splits, args.temperatures, args.seeds,
+                                            args.n_inpaint)
+    print_table(results, INPAINT_SCORES)
+    chosen = chosen_temperature(results, "full_ssim", higher_is_better=True)
+    print(f"chosen on validation: inpainting temperature {chosen}")
+    write_json({"chosen": chosen, "seeds": args.seeds, "n_inpaint": args.n_inpaint,
+                "mask": "centre_square", "scores": results},
+               run.path / "inpaint_temperature.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    generating = args.task == "generation"
     try:
         run = Run(Path(args.run), choose_device(args.device))
         splits = load_splits(Path(args.data) if args.data else run.data_root,
-                             spacing=run.spacing)
-        test = splits["test"]
-        reference = generation.real_reference(
-            run, splits["train"], splits["validate"], test, run.decode(run.encode(test.images)),
-            seed=0)
+                             splits=("train", "validate", "test") if generating
+                             else ("validate", "test"), spacing=run.spacing)
     except (RunError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = score_temperatures(run, reference, args.temperatures, args.seeds, args.n_samples)
-    print_table(results)
-    chosen = chosen_temperature(results)
-    print(f"chosen on validation: temperature {chosen}")
-    write_json({"chosen": chosen, "seeds": args.seeds, "n_samples": args.n_samples,
-                "scores": results}, Path(args.run) / "temperature.json")
+    (choose_for_generation if generating else choose_for_inpainting)(run, splits, args)
     return 0
 
 

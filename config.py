@@ -134,6 +134,7 @@ class InpaintSettings:
     candidates: int  # particles to choose among (and raster fills for the baselines)
     gibbs_sweeps: int
     gibbs_proposals: int
+    temperature: float  # of every fill, the raster baselines' included
 
 
 @dataclass
@@ -148,6 +149,10 @@ class PredictSettings:
     inpaint_candidates: int = 16  # full-context inpainting: particles to choose among ...
     gibbs_sweeps: int = 0  # ... then Gibbs sweeps over the masked sites, ...
     gibbs_proposals: int = 2  # ... each site choosing among this many drawn codes and its own
+    # Inpainting's own temperature: a fill is judged against the truth, not for looking like a
+    # new brain. Chosen on the demo's validation split (choose_temperature.py --task inpainting;
+    # README, "Inpainting temperature").
+    inpaint_temperature: float = 0.3
     n_surprise: int = 32  # test (and validation) slices that get a lesion (--surprise)
     sampler: str = "fast"  # "fast": cached, each site computed once; "naive": a pass per site
     # relative slice position (0: lowest, 1: highest) of the brains generated from scratch;
@@ -156,4 +161,5 @@ class PredictSettings:
 
     @property
     def inpaint(self) -> InpaintSettings:
-        return InpaintSettings(self.inpaint_candidates, self.gibbs_sweeps, self.gibbs_proposals)
+        return InpaintSettings(self.inpaint_candidates, self.gibbs_sweeps, self.gibbs_proposals,
+                               self.inpaint_temperature)

@@ -155,7 +155,7 @@ INPAINT_METHODS = ("reconstruction", "raster", "likeliest_above", "full")
 
 
 def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
-                       temperature: float, seed: int, settings: InpaintSettings,
+                       seed: int, settings: InpaintSettings,
                        positions: torch.Tensor | None = None
                        ) -> tuple[dict, dict[str, Inpainting]]:
     """SSIM and PSNR inside each mask's region of uint8 `images` completed by the prior
@@ -172,7 +172,7 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     completions = {}
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
-        fills = run.inpaint(masked, temperature, seed, settings, positions)
+        fills = run.inpaint(masked, seed, settings, positions)
         grids = {"reconstruction": indices, "raster": fills.raster,
                  "likeliest_above": fills.likeliest_above, "full": fills.full}
         pixels = sites_to_pixels(mask, images.shape[-1])

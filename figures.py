@@ -60,12 +60,12 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
 
 
 def figure_inpainting(run: Run, images: torch.Tensor, positions: torch.Tensor,
-                      mask: torch.Tensor, temperature: float, seed: int,
-                      settings: InpaintSettings, path: Path) -> None:
+                      mask: torch.Tensor, seed: int, settings: InpaintSettings,
+                      path: Path) -> None:
     """Originals, masked, and completed from the whole grid's context; `positions` (N,): the
     images' relative slice positions (NaN: unknown)."""
     indices = run.encode(images)
-    fills = run.inpaint(apply_mask(indices, mask), temperature, seed, settings, positions)
+    fills = run.inpaint(apply_mask(indices, mask), seed, settings, positions)
     completed = run.decode(fills.full)
     originals = run.to_unit(images)
     masked = show_mask(originals, mask)

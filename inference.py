@@ -110,14 +110,14 @@ class Run:
         return draw(self.prior, indices.to(self.device), temperature, generator,
                     method=self.sampler, positions=where).cpu()
 
-    def inpaint(self, indices: torch.Tensor, temperature: float, seed: int,
-                settings: InpaintSettings, positions: torch.Tensor | None = None) -> Fills:
+    def inpaint(self, indices: torch.Tensor, seed: int, settings: InpaintSettings,
+                positions: torch.Tensor | None = None) -> Fills:
         """Fill the −1 entries from the whole grid: see `inpaint_full_context`."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         where = None if positions is None else positions.to(self.device)
         fills = inpaint_full_context(self.prior, indices.to(self.device), settings.candidates,
                                      settings.gibbs_sweeps, generator, settings.gibbs_proposals,
-                                     temperature, self.sampler, where)
+                                     settings.temperature, self.sampler, where)
         return Fills(fills.raster.cpu(), fills.likeliest_above.cpu(), fills.full.cpu())
 
     def surprise(self, indices: torch.Tensor,

@@ -72,7 +72,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
     chosen = evenly_spaced(len(test), args.n_inpaint)
     inpainting, completions = _timed(
         "inpainting", evaluation.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,
-        args.temperature, args.seed, args.settings.inpaint, relative_positions(test.names)[chosen])
+        args.seed, args.settings.inpaint, relative_positions(test.names)[chosen])
     metrics.update(inpainting)
     figure_inpainting_methods(completions["centre_square"], args.n_show,
                               out / "inpainting_centre_square.png")
@@ -136,7 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="test images in the reconstruction and inpainting figures")
     p.add_argument("--n-samples", type=int, default=d.n_samples,
                    help="brains generated from scratch")
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature of generated brains")
+    p.add_argument("--inpaint-temperature", type=float, default=d.inpaint_temperature,
+                   help="sampling temperature of inpainted fills (chosen on validation by "
+                        "choose_temperature.py --task inpainting)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--slice-position", type=float, default=d.slice_position, metavar="P",
                    help="generate brains at relative slice position P (0: lowest slice of a "
@@ -164,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "n_surprise"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("temperature", "inpaint_temperature"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.slice_position is not None and not 0 <= args.slice_position <= 1:
         p.error("--slice-position must lie in [0, 1]")
     args.settings = config.PredictSettings(
@@ -211,12 +218,12 @@ def run_predict(args: argparse.Namespace) -> Path:
     figure_generated(run, generation_positions(args.n_samples, args.slice_position),
                      args.temperature, args.seed, out)
     figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png")
-    figure_inpainting(run, show, show_positions, bottom_half_mask(), args.temperature, args.seed,
+    figure_inpainting(run, show, show_positions, bottom_half_mask(), args.seed,
                       args.settings.inpaint, out / "inpainting_bottom_half.png")
     if args.mask:
         mask = load_mask(args.mask, run.vqvae.cfg.n_codes)
-        figure_inpainting(run, show, show_positions, mask, args.temperature, args.seed,
-                          args.settings.inpaint, out / "inpainting_custom.png")
+        figure_inpainting(run, show, show_positions, mask, args.seed, args.settings.inpaint,
+                          out / "inpainting_custom.png")
     if args.evaluate or args.reconstruct_dir:
         indices = run.encode(test.images)
         reconstructions = run.decode(indices)

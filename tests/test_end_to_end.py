@@ -10,6 +10,7 @@ from PIL import Image
 import checkpoints
 import choose_temperature
 import compare_priors
+import config
 import inference
 import predict
 import train
@@ -96,6 +97,20 @@ def test_choose_temperature_scores_each_temperature_on_both_sides_and_picks_on_v
     assert result["chosen"] in (0.5, 1.0)
 
 
+def test_choose_inpainting_temperature_scores_every_fill_on_both_sides(trained_run):
+    assert choose_temperature.main(["--run", str(trained_run), "--device", "cpu",
+                                    "--task", "inpainting", "--temperatures", "0.5", "1.0",
+                                    "--seeds", "0", "1", "--n-inpaint", "2"]) == 0
+    result = json.loads((trained_run / "inpaint_temperature.json").read_text())
+    assert set(result["scores"]) == {"0.5", "1.0"}
+    for sides in result["scores"].values():
+        assert set(sides) == {"validate", "test"}
+        for values in sides["validate"].values():
+            assert len(values) == 2 and all(-1 <= v <= 1 for v in values)
+    assert set(sides["validate"]) == {"raster_ssim", "likeliest_above_ssim", "full_ssim"}
+    assert result["chosen"] in (0.5, 1.0)
+
+
 def test_chosen_temperature_is_the_least_distinguishable_on_validation_beyond_noise():
     def results(low, one):
         return {"0.8": {"validate": {"c2st_accuracy": low}, "test": {"c2st_accuracy": [0.5]}},
@@ -106,6 +121,20 @@ def test_chosen_temperature_is_the_least_distinguishable_on_validation_beyond_no
     assert choose_temperature.chosen_temperature(results([0.5, 0.7, 0.6], [0.6, 0.7, 0.65])) \
         == 1.0
     assert choose_temperature.chosen_temperature(results([0.7, 0.8], [0.6, 0.6])) == 1.0
+
+
+def test_chosen_inpainting_temperature_is_the_best_fill_on_validation_beyond_noise():
+    def results(low, one):
+        return {"0.6": {"validate": {"full_ssim": low}, "test": {"full_ssim": [0.1]}},
+                "1.0": {"validate": {"full_ssim": one}, "test": {"full_ssim": [0.9]}}}
+    choose = choose_temperature.chosen_temperature
+    assert choose(results([0.39, 0.40], [0.35, 0.36]), "full_ssim", higher_is_better=True) \
+        == 0.6
+    assert choose(results([0.35, 0.36], [0.39, 0.40]), "full_ssim", higher_is_better=True) \
+        == 1.0
+    # higher on average, but by less than the seeds' spread
+    assert choose(results([0.30, 0.45], [0.36, 0.37]), "full_ssim", higher_is_better=True) \
+        == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +148,7 @@ def predicted_run(trained_run, tmp_path_factory):
     code = predict.main(["--run", str(trained_run), "--evaluate", "--n-samples", "2",
                          "--n-show", "2", "--mask", str(mask), "--n-eval-samples", "3",
                          "--n-inpaint", "2", "--inpaint-candidates", "3", "--gibbs-sweeps", "1",
-                         "--gibbs-proposals", "2", "--surprise",
+                         "--gibbs-proposals", "2", "--inpaint-temperature", "0.7", "--surprise",
                          "--n-surprise", "2", "--reconstruct-dir", str(folder / "recon")])
     assert code == 0
     return trained_run, folder / "recon"
@@ -168,6 +197,7 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
         # surprise of the context after the hole: only the centre square has one
         assert (f"inpaint_{mask}_full_context_bits" in metrics) == (mask == "centre_square")
     assert metrics["inpaint_centre_square_full_context_bits"] > 0
+    assert metrics["inpaint_temperature"] == 0.7  # the flag, not the generation temperature
     surprise = json.loads((run / "surprise.json").read_text())
     assert set(surprise) == {"surprise_lesion_bits", "surprise_lesion_sites_clean_bits",
                              "surprise_lesion_core_bits", "surprise_lesion_core_clean_bits",
@@ -199,6 +229,20 @@ def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):
     assert code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (trained_run / "vqvae_last.pt").stat().st_mtime_ns == before
+
+
+def test_inpainting_fills_at_the_inpainting_temperature(trained_run):
+    run = inference.Run(trained_run, torch.device("cpu"))
+    masked = torch.full((2, 32, 32), 3)
+    masked[:, 10:20, 10:20] = -1
+    settings = config.PredictSettings(inpaint_candidates=3, inpaint_temperature=0.05).inpaint
+    fills = run.inpaint(masked, seed=2, settings=settings)
+    for temperature, same in ((0.05, True), (1.0, False)):
+        expected = inference.inpaint_full_context(run.prior, masked, 3,
+                                                  generator=torch.Generator().manual_seed(2),
+                                                  temperature=temperature)
+        assert torch.equal(fills.raster, expected.raster) == same
+        assert torch.equal(fills.full, expected.full) == same
 
 
 def test_naive_sampler_flag_gives_the_fast_samplers_grids(trained_run):
