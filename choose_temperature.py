@@ -2,17 +2,17 @@
 
 - generation (default): for each temperature and seed, generate brains at the validation
   slices' levels and score them against VQ-VAE reconstructions of the validation slices
-  (generation.py's two-sample test and Fréchet distance); the temperature with the lowest mean
-  two-sample accuracy is chosen. The same samples' scores against the test slices are printed
+  (generation.py's two-sample test and Fréchet distance); the best has the lowest mean
+  two-sample accuracy. The same samples' scores against the test slices are printed
   beside them, for reading, not for choosing. Writes RUN/temperature.json; pass the chosen
   value to predict.py with --temperature.
 - inpainting: for each temperature and seed, inpaint the centre square of validation slices
-  (and, for reading, of test slices) as predict.py does; the temperature whose full-context
-  fills have the highest mean SSIM in the hole is chosen. Writes RUN/inpaint_temperature.json;
+  (and, for reading, of test slices) as predict.py does; the best has the highest mean SSIM
+  of the full-context fills in the hole. Writes RUN/inpaint_temperature.json;
   pass the chosen value with --inpaint-temperature.
 
-Either way a temperature is chosen over 1.0, the prior's own distribution, only where it beats
-it by more than the seeds' noise.
+Either way, of the temperatures within the seeds' noise of the best one, the one closest to 1.0
+(the prior's own distribution) is chosen.
 
     python choose_temperature.py --run runs/demo --temperatures 0.9 1.0 --seeds 0 1 2
     python choose_temperature.py --run runs/demo --task inpainting --temperatures 0.6 1.0
@@ -99,19 +99,24 @@ def score_inpainting_temperatures(run: Run, sides: dict[str, SliceSet],
 
 def chosen_temperature(results: dict, score: str = "c2st_accuracy",
                        higher_is_better: bool = False) -> float:
-    """The temperature with the best mean validation `score` (by default: whose samples the
-    two-sample test tells apart least); but 1.0, the prior's own distribution, unless that one
-    beats it by more than two standard errors of the difference between their means over the
-    seeds."""
+    """Of the temperatures whose mean validation `score` the seeds cannot tell from the best one
+    (by default the best: whose samples the two-sample test tells apart least), the one closest
+    to 1.0, the prior's own distribution. A temperature counts as worse only where its mean is
+    worse by more than two standard errors of the difference between the means over the seeds.
+    """
     sign = -1.0 if higher_is_better else 1.0  # as costs: lower is better
     cost = {float(t): sign * np.asarray(sides["validate"][score]) for t, sides in results.items()}
     best = min(cost, key=lambda t: cost[t].mean())
-    if 1.0 not in cost or best == 1.0:
-        return best
-    a, b = cost[best], cost[1.0]
-    standard_error = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) \
-        if min(len(a), len(b)) > 1 else 0.0
-    return best if b.mean() - a.mean() > 2 * standard_error else 1.0
+    tied = [t for t in cost if cost[t].mean() - cost[best].mean()
+            <= 2 * _standard_error(cost[t], cost[best])]
+    return min(tied, key=lambda t: abs(t - 1.0))
+
+
+def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Of the difference between the means of two sets of per-seed scores (0 for one seed)."""
+    if min(len(a), len(b)) < 2:
+        return 0.0
+    return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
 
 
 def print_table(results: dict, names: tuple[str, ...]) -> None:

@@ -137,6 +137,19 @@ def test_chosen_inpainting_temperature_is_the_best_fill_on_validation_beyond_noi
         == 1.0
 
 
+def test_chosen_temperature_is_the_one_nearest_1_that_the_seeds_cannot_tell_from_the_best():
+    def scores(validate):
+        return {"validate": {"full_ssim": validate}, "test": {"full_ssim": [0.0]}}
+    results = {"0.2": scores([0.420, 0.420]), "0.3": scores([0.395, 0.415]),
+               "0.6": scores([0.390, 0.392]), "1.0": scores([0.360, 0.370])}
+    # 0.2 is best; 0.3 is within two standard errors of it, 0.6 and 1.0 are not
+    assert choose_temperature.chosen_temperature(results, "full_ssim",
+                                                 higher_is_better=True) == 0.3
+    del results["0.2"]  # now 0.3 is best and 0.6 within its seeds' spread
+    assert choose_temperature.chosen_temperature(results, "full_ssim",
+                                                 higher_is_better=True) == 0.6
+
+
 @pytest.fixture(scope="module")
 def predicted_run(trained_run, tmp_path_factory):
     """The tiny run after one `predict.py` with every output switched on, kept cheap."""
