@@ -244,6 +244,15 @@ def test_existing_run_is_not_overwritten(trained_run, data_root, capsys):
     assert (trained_run / "vqvae_last.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("flag", ["--temperature", "--inpaint-temperature"])
+def test_temperatures_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args([flag, "0"])
+    assert f"{flag} must be positive" in capsys.readouterr().err
+    assert predict.parse_args([flag, "0.5"]).settings.inpaint.temperature == (
+        0.5 if flag == "--inpaint-temperature" else config.PredictSettings().inpaint_temperature)
+
+
 def test_inpainting_fills_at_the_inpainting_temperature(trained_run):
     run = inference.Run(trained_run, torch.device("cpu"))
     masked = torch.full((2, 32, 32), 3)
