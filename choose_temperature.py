@@ -34,7 +34,7 @@ from distributed import DEVICES, choose_device
 from evaluation import INPAINT_METHODS, inpainting_metrics, to_uint8
 from inference import Run
 from io_utils import RunError, write_json
-from masks import centre_square_mask
+from masks import INPAINT_MASKS
 from slices import DatasetError, SliceSet, evenly_spaced, relative_positions
 
 SCORES = ("c2st_accuracy", "sample_fd", "sample_position_mae")
@@ -77,16 +77,18 @@ def score_inpainting_temperatures(run: Run, sides: dict[str, SliceSet],
     slices of each side, for each fill of `evaluation.inpainting_metrics` at that temperature
     (the other inpainting settings as predict.py's defaults)."""
     defaults = PredictSettings().inpaint
-    chosen = {side: evenly_spaced(len(slices), n) for side, slices in sides.items()}
+    mask = {"centre_square": INPAINT_MASKS["centre_square"]}
+    picked = {}  # side → (images, their relative slice positions)
+    for side, slices in sides.items():
+        chosen = evenly_spaced(len(slices), n)
+        picked[side] = slices.images[chosen], relative_positions(slices.names)[chosen]
     results: dict = {}
     for temperature in temperatures:
         settings = replace(defaults, temperature=temperature)
         scores = {side: {name: [] for name in INPAINT_SCORES} for side in sides}
         for seed in seeds:
-            for side, slices in sides.items():
-                metrics, _ = inpainting_metrics(
-                    run, slices.images[chosen[side]], {"centre_square": centre_square_mask()},
-                    seed, settings, relative_positions(slices.names)[chosen[side]])
+            for side, (images, positions) in picked.items():
+                metrics, _ = inpainting_metrics(run, images, mask, seed, settings, positions)
                 for fill in FILLS:
                     scores[side][f"{fill}_ssim"].append(
                         metrics[f"inpaint_centre_square_{fill}_ssim"])

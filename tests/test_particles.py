@@ -75,7 +75,6 @@ def _row_copying_prior() -> PixelCNN:
     return model.eval()
 
 
-
 def test_particles_follow_the_context_after_the_hole():
     # Holes over the left part of three rows: raster order must guess each row's code, and the
     # given codes right of the hole then disagree with most guesses; particles resampled by
