@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     override.add_argument("--beta", type=float, help="commitment loss weight")
     override.add_argument("--vqvae-lr", type=float)
     override.add_argument("--prior-lr", type=float)
+    override.add_argument("--prior-channels", type=int, help="the prior's width C")
     override.add_argument("--prior-embedding", choices=["codebook", "random"],
                           help="start the prior's input embedding from the codebook (the "
                                "presets' choice) or at random")
