@@ -36,14 +36,18 @@ def test_epoch_batches_cover_every_sample_once_and_are_reproducible():
 
 def test_flags_override_the_profile():
     args = parse_args(["--profile", "full", "--n-codes", "128", "--embedding-dim", "16",
-                       "--vqvae-epochs", "3", "--batch-size", "5", "--prior-embedding", "random"])
+                       "--vqvae-epochs", "3", "--batch-size", "5", "--prior-embedding", "random",
+                       "--prior-channels", "24"])
     profile = resolve_profile(args)
+    assert profile.prior.channels == 24
+    assert profile.prior.dilations == PROFILES["full"].prior.dilations
     assert profile.vqvae.n_codes == 128 and profile.vqvae.embedding_dim == 16
     assert profile.vqvae.hidden == PROFILES["full"].vqvae.hidden
     assert profile.vqvae_stage.epochs == 3 and profile.vqvae_stage.batch_size == 5
     assert profile.prior_stage.epochs == PROFILES["full"].prior_stage.epochs
     assert not profile.prior_stage.embed_from_codebook
     assert PROFILES["full"].vqvae.n_codes == 512  # the preset itself is left as it was
+    assert PROFILES["full"].prior.channels == 128
     args.profile = "demo"
     assert resolve_profile(args).vqvae.hidden == PROFILES["demo"].vqvae.hidden
 
