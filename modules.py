@@ -297,9 +297,18 @@ class PriorConfig:
     # through its position projections; grids of unknown position get a learned "unknown"
     # vector. 0: unconditioned.
     slice_bins: int = 0
+    # Whole-context conditioning: a non-causal encoder of width `context_channels` reads a
+    # grid of given indices (−1: hidden) and every gated layer adds its features, so a hole's
+    # sites also see the context after them in raster order (below and right of the hole),
+    # which the autoregressive factors never do. Given nothing, it adds nothing: the plain
+    # prior. context_probe.py trains one on a trained prior to measure what that context
+    # tells about a hole. 0: no encoder (the presets).
+    context_channels: int = 0
+    context_dilations: tuple[int, ...] = field(default_factory=lambda: (1, 2, 4, 8))
 
     def __post_init__(self) -> None:
         self.dilations = tuple(self.dilations)
+        self.context_dilations = tuple(self.context_dilations)
         if self.kernel_size % 2 == 0 or self.kernel_size < 3:
             raise ValueError(f"kernel_size must be odd and ≥ 3, got {self.kernel_size}")
         if self.slice_bins == 1 or self.slice_bins < 0:
@@ -326,7 +335,8 @@ class GatedLayer(nn.Module):
     seen; later layers only see features that already exclude it.
     """
 
-    def __init__(self, channels: int, kernel_size: int, dilation: int, first: bool) -> None:
+    def __init__(self, channels: int, kernel_size: int, dilation: int, first: bool,
+                 context: int = 0) -> None:
         super().__init__()
         self.first, self.dilation = first, dilation
         self.half = kernel_size // 2
@@ -337,6 +347,10 @@ class GatedLayer(nn.Module):
         self.h_out = nn.Conv2d(c, c, 1)
         self.position_to_v = nn.Conv2d(c, 2 * c, 1)
         self.position_to_h = nn.Conv2d(c, 2 * c, 1)
+        # zero at first: the context's features start as no change to the prior, and grow
+        # only as far as they help (random ones would add noise to every layer)
+        self.context_to_v = _zero_conv(context, 2 * c) if context else None
+        self.context_to_h = _zero_conv(context, 2 * c) if context else None
 
     @property
     def reach(self) -> int:
@@ -354,15 +368,23 @@ class GatedLayer(nn.Module):
         h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
         return gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
 
-    def position_bias(self, position: torch.Tensor | None, condition: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, H, W) position embedding and (B, C, 1, 1) slice condition, either may be None →
-        biases with 2C channels for the two stacks, broadcastable to (B, 2C, H, W)."""
-        static = self.static_bias(position, conditioned=condition is not None)
-        terms = self.condition_bias(condition)
-        if terms is None:
-            return static
-        return static[0] + terms[0], static[1] + terms[1]
+    def position_bias(self, position: torch.Tensor | None, condition: torch.Tensor | None = None,
+                      context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, H, W) position embedding, (B, C, 1, 1) slice condition and (1 or B, C', H, W)
+        context features, any may be None → biases with 2C channels for the two stacks,
+        broadcastable to (B, 2C, H, W)."""
+        bias = self.static_bias(position, conditioned=condition is not None)
+        for terms in (self.condition_bias(condition), self.context_bias(context)):
+            if terms is not None:
+                bias = (bias[0] + terms[0], bias[1] + terms[1])
+        return bias
+
+    def context_bias(self, context: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(1 or B, C', H, W) context features → their (1 or B, 2C, H, W) terms in the biases."""
+        if context is None or self.context_to_v is None:
+            return None
+        return self.context_to_v(context), self.context_to_h(context)
 
     def static_bias(self, position: torch.Tensor | None, conditioned: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,6 +417,13 @@ class GatedLayer(nn.Module):
         return h_new if self.first else h + h_new
 
 
+def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """A 1×1 convolution without bias whose weights start at zero."""
+    conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+    nn.init.zeros_(conv.weight)
+    return conv
+
+
 class PixelCNN(nn.Module):
     """Autoregressive prior p(indices) = Π p(i_rc | earlier sites in raster order)."""
 
@@ -404,8 +433,10 @@ class PixelCNN(nn.Module):
         c = self.cfg.channels
         self.embedding = nn.Embedding(self.cfg.n_codes, c)
         self.layers = nn.ModuleList(
-            GatedLayer(c, self.cfg.kernel_size, d, first=i == 0)
+            GatedLayer(c, self.cfg.kernel_size, d, first=i == 0,
+                       context=self.cfg.context_channels)
             for i, d in enumerate(self.cfg.dilations))
+        self.context_encoder = ContextEncoder(self.cfg) if self.cfg.context_channels else None
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, 2 * c, 1), nn.ReLU(),
                                   nn.Conv2d(2 * c, self.cfg.n_codes, 1))
         g = self.cfg.grid_size
@@ -432,12 +463,22 @@ class PixelCNN(nn.Module):
         vectors = torch.where(positions.isfinite()[:, None], vectors, table[bins])
         return vectors[:, :, None, None]
 
-    def position_biases(self, height: int, width: int, condition: torch.Tensor | None = None
+    def position_biases(self, height: int, width: int, condition: torch.Tensor | None = None,
+                        context: torch.Tensor | None = None
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (vertical, horizontal) biases for a height × width grid: the per-site
-        position embedding plus the slice condition (B, C, 1, 1), if any."""
+        position embedding plus the slice condition (B, C, 1, 1) and the context's features,
+        if any; `context` (B, H, W): given indices, −1 hidden (None: all hidden)."""
         position = self.position_grid(height, width)
-        return [layer.position_bias(position, condition) for layer in self.layers]
+        features = self.context_features(context)
+        return [layer.position_bias(position, condition, features) for layer in self.layers]
+
+    def context_features(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, H, W) given indices (−1: hidden) → (B, C', H, W) features of the context encoder;
+        None without a context or an encoder (the plain prior)."""
+        if context is None or self.context_encoder is None:
+            return None
+        return self.context_encoder(context)
 
     def position_grid(self, height: int, width: int) -> torch.Tensor | None:
         """The learned per-site embedding (1, C, height, width), or None without one."""
@@ -461,15 +502,18 @@ class PixelCNN(nn.Module):
         n = components.shape[1]
         weight[:, :n] = (components * weight.std()).to(weight)
 
-    def forward(self, indices: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, H, W) indices and (B,) relative slice positions (None or NaN: unknown) →
-        (B, K, H, W) logits; the logits at a site see earlier sites only."""
+    def forward(self, indices: torch.Tensor, positions: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W) indices, (B,) relative slice positions (None or NaN: unknown) and (B, H, W)
+        given context (−1: hidden; None or all hidden: the plain prior) → (B, K, H, W) logits;
+        the logits at a site see earlier sites and the context only. Given a context, only the
+        logits at its hidden sites mean anything: the prior learnt nothing about the given
+        ones."""
         x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
         v, h = x, x
         condition = self.slice_condition(positions, len(indices))
-        for layer, bias in zip(self.layers, self.position_biases(*indices.shape[1:], condition),
-                               strict=True):
+        biases = self.position_biases(*indices.shape[1:], condition, context)
+        for layer, bias in zip(self.layers, biases, strict=True):
             v, h = layer(v, h, bias)
         return self.head(h)
 
@@ -477,6 +521,33 @@ class PixelCNN(nn.Module):
                        positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood in bits per index (the training loss)."""
         return bits(self(indices, positions), indices, reduction="mean")
+
+
+class ContextEncoder(nn.Module):
+    """Given indices (B, H, W), −1 hidden → features (B, C', H, W) that see the whole grid:
+    an embedding with a "hidden" entry, then residual dilated 3×3 convolutions whose reach
+    (Σ dilations) spans a hole, so a site's features tell what lies below and right of it.
+    Less the features of an all-hidden grid: with nothing given, the prior is the plain one."""
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        c = cfg.context_channels
+        self.hidden = cfg.n_codes  # the embedding's last row
+        self.embedding = nn.Embedding(cfg.n_codes + 1, c)
+        nn.init.normal_(self.embedding.weight, std=0.1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=d, dilation=d)
+                                   for d in cfg.context_dilations)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        hidden = torch.full_like(context[:1], -1)
+        features = self.encode(torch.cat([context, hidden]))
+        return features[:-1] - features[-1:]
+
+    def encode(self, context: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(context.where(context >= 0, self.hidden)).permute(0, 3, 1, 2)
+        for conv in self.convs:
+            x = x + conv(F.relu(x))
+        return x
 
 
 def bits(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "none") -> torch.Tensor:

@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "predict", "compare_priors", "choose_temperature", "bench", "noise_ceiling"}
+SCRIPTS = {"train", "predict", "compare_priors", "choose_temperature", "bench", "noise_ceiling",
+           "context_probe"}
 MAX_LINES = 600
 
 
