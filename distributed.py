@@ -72,6 +72,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_distributed() -> None:
+    """Wait for every rank, then close the process group. A rank that exits while gloo still
+    holds its connections can make another rank's gloo thread abort (SIGABRT) at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Wrap in DistributedDataParallel under torchrun; the model itself otherwise."""
     if not is_distributed():

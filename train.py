@@ -17,7 +17,7 @@ import engine
 import stages
 from checkpoints import CONFIG_FILE
 from demo_data import build_demo_dataset, demo_root
-from distributed import DEVICES, init_distributed, is_main, world
+from distributed import DEVICES, init_distributed, is_main, leave_distributed, world
 from io_utils import RunError
 from slices import DatasetError
 from volumes import VOLUME_SPACING_MM
@@ -101,13 +101,15 @@ def run_training(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     try:
         run = run_training(parse_args(argv))
+        main_rank = is_main()
+        leave_distributed()
     except (RunError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except engine.Interrupted as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    if is_main():
+    if main_rank:
         print(f"done: {run}")
     return 0
 

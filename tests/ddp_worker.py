@@ -27,7 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import StageSettings  # noqa: E402
 from dataset import Normalisation  # noqa: E402
-from distributed import barrier, data_parallel, init_distributed, is_main, shard, world  # noqa: E402
+from distributed import (  # noqa: E402
+    data_parallel,
+    init_distributed,
+    is_main,
+    leave_distributed,
+    shard,
+    world,
+)
 from inference import to_model_input  # noqa: E402
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig  # noqa: E402
 from stages import prior_loss, vqvae_losses  # noqa: E402
@@ -114,7 +121,7 @@ def main() -> None:
     results = {broken: train_both_stages(device, broken) for broken in BROKEN}
     if is_main():
         torch.save({"world_size": world()[1], **results}, out)
-    barrier()
+    leave_distributed()
 
 
 if __name__ == "__main__":
