@@ -24,7 +24,7 @@ import torch
 from checkpoints import checkpoint_path, load_indices, load_prior
 from distributed import DEVICES, choose_device
 from io_utils import RunError, write_json
-from masks import centre_square_mask, training_holes
+from masks import centre_square_mask, random_rectangles
 from modules import PixelCNN, PriorConfig, bits
 from stages import split_positions
 
@@ -58,7 +58,7 @@ def train_probe(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, s
     losses = []
     for _ in range(steps):
         pick = torch.randint(len(grids), (batch_size,), generator=generator).to(device)
-        holes = training_holes(batch_size, grids.shape[-1], 1.0, generator).to(device)
+        holes = random_rectangles(batch_size, grids.shape[-1], generator).to(device)
         batch = grids[pick]
         loss = bits(model(batch, positions[pick], context_of(batch, holes, leak)),
                     batch)[holes].mean()
@@ -86,7 +86,7 @@ def hidden_bits(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor,
 def evaluation_holes(grids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """(N, H, W) bool holes per kind: random rectangles (fixed by `seed`), the centre square."""
     n, size = len(grids), grids.shape[-1]
-    random = training_holes(n, size, 1.0, torch.Generator().manual_seed(seed))
+    random = random_rectangles(n, size, torch.Generator().manual_seed(seed))
     centre = centre_square_mask(size, side=size * 3 // 8).expand(n, size, size)  # 12 of 32
     return {"random": random.to(grids.device), "centre_square": centre.to(grids.device)}
 
@@ -133,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         device = choose_device(args.device)
         torch.manual_seed(args.seed)
         prior = load_prior(checkpoint_path(args.run, "prior", "best"), device)
-        for parameter in prior.parameters():
-            parameter.requires_grad_(False)
         result = probe(prior, load_indices(args.run), args.channels, args.steps,
                        args.batch_size, args.lr, args.seed, device)
     except RunError as err:

@@ -67,19 +67,15 @@ def _npy_mask(path: Path, array: np.ndarray, n_codes: int) -> np.ndarray:
     return array == -1
 
 
-def training_holes(n: int, grid: int, share: float, generator: torch.Generator) -> torch.Tensor:
-    """(n, grid, grid) bool: where a prior learning to inpaint is scored. A `share` of the grids
-    get a hole, a rectangle whose sides are random between an eighth and three quarters of the
-    grid (4 and 24 sites of 32), at a random place; the rest are hidden and scored whole."""
-    holes = torch.ones(n, grid, grid, dtype=torch.bool)
-    chosen = torch.rand(n, generator=generator) < share
+def random_rectangles(n: int, grid: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, grid, grid) bool: one hole per grid, a rectangle whose sides are random between an
+    eighth and three quarters of the grid (4 and 24 sites of 32), at a random place."""
     sides = torch.randint(max(1, grid // 8), grid * 3 // 4 + 1, (n, 2), generator=generator)
     corners = (torch.rand(n, 2, generator=generator) * (grid - sides + 1)).long()
-    for i in torch.nonzero(chosen).flatten().tolist():
-        (top, left), (height, width) = corners[i].tolist(), sides[i].tolist()
-        holes[i] = False
-        holes[i, top:top + height, left:left + width] = True
-    return holes
+    sites = torch.arange(grid)
+    rows, cols = ((sites >= corners[:, k, None]) & (sites < (corners + sides)[:, k, None])
+                  for k in (0, 1))  # (n, grid) each
+    return rows[:, :, None] & cols[:, None, :]
 
 
 def apply_mask(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -468,7 +468,7 @@ class PixelCNN(nn.Module):
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (vertical, horizontal) biases for a height × width grid: the per-site
         position embedding plus the slice condition (B, C, 1, 1) and the context's features,
-        if any; `context` (B, H, W): given indices, −1 hidden (None: all hidden)."""
+        if any; `context` (B, H, W): given indices, −1 hidden (None: the plain prior)."""
         position = self.position_grid(height, width)
         features = self.context_features(context)
         return [layer.position_bias(position, condition, features) for layer in self.layers]
