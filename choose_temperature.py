@@ -38,7 +38,7 @@ from masks import INPAINT_MASKS
 from slices import DatasetError, SliceSet, evenly_spaced, relative_positions
 
 SCORES = ("c2st_accuracy", "sample_fd", "sample_position_mae")
-FILLS = INPAINT_METHODS[1:]  # raster, likeliest_above, full: the reconstruction needs no prior
+FILLS = INPAINT_METHODS[1:]  # every fill: the reconstruction needs no prior
 INPAINT_SCORES = tuple(f"{fill}_ssim" for fill in FILLS)
 
 

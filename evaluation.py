@@ -144,14 +144,17 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------ inpainting
 @dataclass
 class Inpainting:
-    """Decoded completions of one mask, images in [0, 1]: raster-only and full-context."""
+    """Decoded completions of one mask, images in [0, 1]: raster-only, full-context, and the
+    mean of the raster fills."""
     originals: np.ndarray
     mask: torch.Tensor
     raster: np.ndarray
     full: np.ndarray
+    mean: np.ndarray
 
 
-INPAINT_METHODS = ("reconstruction", "raster", "likeliest_above", "full")
+FILL_METHODS = ("raster", "likeliest_above", "full")  # fills that are code grids
+INPAINT_METHODS = ("reconstruction", *FILL_METHODS, "mean")
 
 
 def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Tensor],
@@ -160,10 +163,11 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
                        ) -> tuple[dict, dict[str, Inpainting]]:
     """SSIM and PSNR inside each mask's region of uint8 `images` completed by the prior
     (`inference.Fills`: one raster sample, the likeliest of the candidates given the context
-    above the hole, and given the whole grid) and of the plain reconstruction (what a perfect
-    prior could reach). Where given sites follow the hole, also their mean surprise (bits)
-    given each fill: how well a fill agrees with the context that raster order cannot see.
-    `positions` (N,): the slices' relative positions, for a prior conditioned on them."""
+    above the hole, given the whole grid, and the pixel-wise mean of the decoded raster
+    candidates) and of the plain reconstruction (what a perfect prior could reach). Where given
+    sites follow the hole, also their mean surprise (bits) given each fill that is a code grid:
+    how well it agrees with the context that raster order cannot see. `positions` (N,): the
+    slices' relative positions, for a prior conditioned on them."""
     originals = run.to_unit(images)
     indices = run.encode(images)
     metrics: dict = {"inpaint_n_images": len(images),
@@ -173,35 +177,36 @@ def inpainting_metrics(run: Run, images: torch.Tensor, masks: dict[str, torch.Te
     for name, mask in masks.items():
         masked = apply_mask(indices, mask)
         fills = run.inpaint(masked, seed, settings, positions)
-        grids = {"reconstruction": indices, "raster": fills.raster,
-                 "likeliest_above": fills.likeliest_above, "full": fills.full}
+        grids = {"reconstruction": indices, **{m: getattr(fills, m) for m in FILL_METHODS}}
         pixels = sites_to_pixels(mask, images.shape[-1])
         context = given_after_holes(masked == -1)
         decoded, scored = {}, {}  # by id: with no context after the hole, fills are one tensor
-        for method in INPAINT_METHODS:
-            key = id(grids[method])
+        for method, filled in grids.items():
+            key = id(filled)
             if key not in decoded:
                 decoded[key] = reconstructions if method == "reconstruction" \
-                    else run.decode(grids[method])
-                scored[key] = _fill_scores(run, originals, grids[method], decoded[key], pixels,
-                                           context, positions)
-            for score, value in scored[key].items():
-                metrics[f"inpaint_{name}_{method}_{score}"] = value
+                    else run.decode(filled)
+                scored[key] = _hole_scores(originals, decoded[key], pixels)
+                if context.any():
+                    scored[key]["context_bits"] = \
+                        run.surprise(filled, positions)[context].mean().item()
+            metrics.update(_named(name, method, scored[key]))
+        mean = run.decode_mean(fills.candidates)
+        metrics.update(_named(name, "mean", _hole_scores(originals, mean, pixels)))
         completions[name] = Inpainting(originals, mask, decoded[id(fills.raster)],
-                                       decoded[id(fills.full)])
+                                       decoded[id(fills.full)], mean)
     return metrics, completions
 
 
-def _fill_scores(run: Run, originals: np.ndarray, grids: torch.Tensor, completed: np.ndarray,
-                 pixels: np.ndarray, context: torch.Tensor,
-                 positions: torch.Tensor | None) -> dict[str, float]:
-    """SSIM and PSNR of the `completed` images on the hole's `pixels`; where given sites
-    follow the hole (`context`), their mean surprise given the fill `grids`."""
-    scores = mean_scores([masked_scores(o, c, pixels)
-                          for o, c in zip(originals, completed, strict=True)])
-    if context.any():
-        scores["context_bits"] = run.surprise(grids, positions)[context].mean().item()
-    return scores
+def _hole_scores(originals: np.ndarray, completed: np.ndarray,
+                 pixels: np.ndarray) -> dict[str, float]:
+    """Mean SSIM and PSNR of the `completed` images on the hole's `pixels`."""
+    return mean_scores([masked_scores(o, c, pixels)
+                        for o, c in zip(originals, completed, strict=True)])
+
+
+def _named(mask: str, method: str, scores: dict[str, float]) -> dict[str, float]:
+    return {f"inpaint_{mask}_{method}_{score}": value for score, value in scores.items()}
 
 
 def mostly_brain_sites(images: np.ndarray, grid: int) -> np.ndarray:

@@ -74,11 +74,12 @@ def figure_inpainting(run: Run, images: torch.Tensor, positions: torch.Tensor,
 
 
 def figure_inpainting_methods(inpainting: evaluation.Inpainting, n: int, path: Path) -> None:
-    """Originals, masked, raster-only and full-context completions of the first n images."""
+    """Originals, masked, raster-only and full-context completions of the first n images, and
+    the mean of the raster fills."""
     masked = show_mask(inpainting.originals, inpainting.mask)
-    columns = (inpainting.originals, masked, inpainting.raster, inpainting.full)
+    columns = (inpainting.originals, masked, inpainting.raster, inpainting.full, inpainting.mean)
     save_grid([list(row) for row in zip(*columns, strict=True)][:n], path,
-              ["original", "masked", "raster", "full context"])
+              ["original", "masked", "raster", "full context", "mean of fills"])
 
 
 def figure_scores_by_slice(per_slice: dict[str, dict], path: Path) -> None:

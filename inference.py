@@ -118,7 +118,16 @@ class Run:
         fills = inpaint_full_context(self.prior, indices.to(self.device), settings.candidates,
                                      settings.gibbs_sweeps, generator, settings.gibbs_proposals,
                                      settings.temperature, self.sampler, where)
-        return Fills(fills.raster.cpu(), fills.likeliest_above.cpu(), fills.full.cpu())
+        return Fills(fills.raster.cpu(), fills.likeliest_above.cpu(), fills.full.cpu(),
+                     fills.candidates.cpu())
+
+    def decode_mean(self, candidates: torch.Tensor) -> np.ndarray:
+        """(B, n, 32, 32) fills, n per grid → (B, 256, 256): the pixel-wise mean of their
+        decoded images. An estimate of the posterior mean, the image closest to the truth in
+        squared error on average, not a sample: it blurs where the fills disagree."""
+        b, n = candidates.shape[:2]
+        decoded = self.decode(candidates.flatten(0, 1))
+        return decoded.reshape(b, n, *decoded.shape[1:]).mean(1)
 
     def surprise(self, indices: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,11 +140,12 @@ class Run:
 # ------------------------------------------------------------------ prior: whole-grid uses
 @dataclass
 class Fills:
-    """Completions of (B, H, W) grids with holes: raster-order baselines and the full-context
-    fill."""
+    """Completions of (B, H, W) grids with holes: raster-order baselines, the full-context
+    fill, and the raster fills themselves (their decoded mean: `Run.decode_mean`)."""
     raster: torch.Tensor  # one ancestral sample: each site given only the sites before it
     likeliest_above: torch.Tensor  # of the raster candidates, the one whose hole is likeliest
     full: torch.Tensor  # of the particles, the one whose whole grid is likeliest; Gibbs sweeps
+    candidates: torch.Tensor  # (B, n, H, W): the n raster fills the baselines are taken from
 
 
 @torch.no_grad()
@@ -152,26 +162,27 @@ def inpaint_full_context(prior: PixelCNN, indices: torch.Tensor, candidates: int
     the context right of and between the hole's rows) and keeps the one whose whole grid the
     prior finds likeliest (the given sites below the hole score it too): a point estimate, not
     a sample. `sweeps` Gibbs sweeps then revisit each hole site (see `gibbs_sweeps`). For
-    comparison, `raster` is one plain raster fill and `likeliest_above` the one of `candidates`
-    raster fills whose hole is likeliest: what choosing a likely fill gives without the context
-    after the hole. When no given index follows a hole, raster order already conditions on all
-    of them: one raster sample is every fill. `positions` (B,): relative slice positions, for a
-    conditioned prior.
+    comparison, `raster` is the first of `candidates` plain raster fills and `likeliest_above`
+    the one whose hole is likeliest: what choosing a likely fill gives without the context after
+    the hole. When no given index follows a hole, raster order already conditions on all of
+    them: the first raster fill is every fill. All raster fills are kept as `candidates`.
+    `positions` (B,): relative slice positions, for a conditioned prior.
     """
     holes = indices == -1
     if positions is None:
         positions = torch.full((len(indices),), float("nan"), device=indices.device)
-    if not given_after_holes(holes).any():
-        grids = draw(prior, indices, temperature, generator, method=sampler, positions=positions)
-        return Fills(grids, grids, grids)
     n = candidates
     raster = draw(prior, indices.repeat_interleave(n, 0), temperature, generator,
                   method=sampler, positions=positions.repeat_interleave(n))
+    pool = raster.view(-1, n, *raster.shape[1:])
+    if not given_after_holes(holes).any():
+        first = pool[:, 0]
+        return Fills(first, first, first, pool)
     hole_bits = (_pool_bits(prior, raster, positions, n) * holes.flatten(1)[:, None]).sum(2)
     particles = sample_particles(prior, indices, n, temperature, generator, positions)
     full = _choose(particles, _pool_bits(prior, particles, positions, n).sum(2), n)
     full = gibbs_sweeps(prior, full, holes, sweeps, generator, proposals, temperature, positions)
-    return Fills(raster[::n], _choose(raster, hole_bits, n), full)
+    return Fills(pool[:, 0], _choose(raster, hole_bits, n), full, pool)
 
 
 def _pool_bits(prior: PixelCNN, pool: torch.Tensor, positions: torch.Tensor,

@@ -107,7 +107,8 @@ def test_choose_inpainting_temperature_scores_every_fill_on_both_sides(trained_r
         assert set(sides) == {"validate", "test"}
         for values in sides["validate"].values():
             assert len(values) == 2 and all(-1 <= v <= 1 for v in values)
-    assert set(sides["validate"]) == {"raster_ssim", "likeliest_above_ssim", "full_ssim"}
+    assert set(sides["validate"]) == {"raster_ssim", "likeliest_above_ssim", "full_ssim",
+                                      "mean_ssim"}
     assert result["chosen"] in (0.5, 1.0)
 
 
@@ -204,11 +205,12 @@ def test_metrics_of_samples_inpainting_and_surprise(predicted_run):
     assert 0 <= metrics["sample_diversity"] <= 2
     assert metrics["samples_memorised"] in (True, False) and metrics["n_eval_samples"] == 3
     for mask in ("bottom_half", "centre_square"):
-        for method in ("raster", "likeliest_above", "full", "reconstruction"):
+        for method in ("raster", "likeliest_above", "full", "mean", "reconstruction"):
             assert -1 <= metrics[f"inpaint_{mask}_{method}_ssim"] <= 1
             assert metrics[f"inpaint_{mask}_{method}_psnr"] > 0
         # surprise of the context after the hole: only the centre square has one
         assert (f"inpaint_{mask}_full_context_bits" in metrics) == (mask == "centre_square")
+        assert f"inpaint_{mask}_mean_context_bits" not in metrics  # an image, not a code grid
     assert metrics["inpaint_centre_square_full_context_bits"] > 0
     assert metrics["inpaint_temperature"] == 0.7  # the flag, not the generation temperature
     surprise = json.loads((run / "surprise.json").read_text())
@@ -265,6 +267,20 @@ def test_inpainting_fills_at_the_inpainting_temperature(trained_run):
                                                   temperature=temperature)
         assert torch.equal(fills.raster, expected.raster) == same
         assert torch.equal(fills.full, expected.full) == same
+
+
+def test_mean_fill_averages_each_grids_own_decoded_candidates(trained_run):
+    run = inference.Run(trained_run, torch.device("cpu"))
+    candidates = torch.randint(0, run.prior.cfg.n_codes, (3, 2, 32, 32),
+                               generator=torch.Generator().manual_seed(0))
+    decoded = run.decode(candidates.flatten(0, 1)).reshape(3, 2, 256, 256)
+    mean = run.decode_mean(candidates)
+    assert mean.shape == (3, 256, 256)
+    np.testing.assert_allclose(mean, decoded.mean(1), atol=1e-5)
+    assert np.abs(mean - decoded[:, 0]).max() > 0.01  # both candidates count, not the first
+    # where every candidate is the same grid, the mean is its decoded image
+    np.testing.assert_allclose(run.decode_mean(candidates[:, :1].expand(3, 4, 32, 32)),
+                               decoded[:, 0], atol=1e-5)
 
 
 def test_naive_sampler_flag_gives_the_fast_samplers_grids(trained_run):

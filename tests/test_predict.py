@@ -61,7 +61,7 @@ def test_full_context_keeps_the_particle_whose_whole_grid_is_likeliest(prior):
         return inference.surprise_bits(prior, grids).view(b, n, 8, 8)
 
     pool, whole = pool.view(b, n, 8, 8), site_bits(particles).sum((2, 3))
-    assert torch.equal(fills.raster, pool[:, 0])
+    assert torch.equal(fills.raster, pool[:, 0]) and torch.equal(fills.candidates, pool)
     assert torch.equal(fills.likeliest_above,
                        pool[rows, (site_bits(pool.flatten(0, 1)) * hole).sum((2, 3)).argmin(1)])
     assert torch.equal(fills.full, particles.view(b, n, 8, 8)[rows, whole.argmin(1)])
@@ -91,9 +91,11 @@ def test_gibbs_sweeps_change_the_fill_and_are_reproducible(prior):
 def test_full_context_is_the_raster_sample_when_no_given_index_follows_the_hole(prior):
     masked = masks.apply_mask(_grids(), masks.bottom_half_mask(8))
     fills = inference.inpaint_full_context(prior, masked, 4, 2, torch.Generator().manual_seed(5))
-    raster = sample(prior, masked, generator=torch.Generator().manual_seed(5))
+    pool = sample(prior, masked.repeat_interleave(4, 0),
+                  generator=torch.Generator().manual_seed(5)).view(3, 4, 8, 8)
+    assert torch.equal(fills.candidates, pool)
     for filled in (fills.raster, fills.likeliest_above, fills.full):
-        assert torch.equal(filled, raster)
+        assert torch.equal(filled, pool[:, 0])
 
 
 def _log_likelihood(prior, grid):
