@@ -62,15 +62,15 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
 def figure_inpainting(run: Run, images: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, seed: int, settings: InpaintSettings,
                       path: Path) -> None:
-    """Originals, masked, and completed from the whole grid's context; `positions` (N,): the
-    images' relative slice positions (NaN: unknown)."""
+    """Originals, masked, completed from the whole grid's context, and the mean of the raster
+    fills; `positions` (N,): the images' relative slice positions (NaN: unknown)."""
     indices = run.encode(images)
     fills = run.inpaint(apply_mask(indices, mask), seed, settings, positions)
-    completed = run.decode(fills.full)
     originals = run.to_unit(images)
-    masked = show_mask(originals, mask)
-    cells = [[o, m, c] for o, m, c in zip(originals, masked, completed, strict=True)]
-    save_grid(cells, path, ["original", "masked", "completed"])
+    columns = (originals, show_mask(originals, mask), run.decode(fills.full),
+               run.decode_mean(fills.candidates))
+    save_grid([list(row) for row in zip(*columns, strict=True)], path,
+              ["original", "masked", "completed", "mean of fills"])
 
 
 def figure_inpainting_methods(inpainting: evaluation.Inpainting, n: int, path: Path) -> None:
