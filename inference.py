@@ -1,5 +1,6 @@
 """A trained run put to use: its models rebuilt from their checkpoints, images ↔ code indices,
-and the prior's uses (sampling, full-context inpainting, surprise, bits per index)."""
+and the prior's uses (sampling, full-context inpainting and the mean of fills, surprise, bits
+per index)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from masks import given_after_holes
 from modules import VQVAE, PixelCNN, bits
 from sampling import sample, sample_particles
 from volumes import VOLUME_SPACING_MM
+
+MEAN_CHUNK_IMAGES = 256  # decoded images held at once by `Run.decode_mean`
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -125,9 +128,13 @@ class Run:
         """(B, n, 32, 32) fills, n per grid → (B, 256, 256): the pixel-wise mean of their
         decoded images. An estimate of the posterior mean, the image closest to the truth in
         squared error on average, not a sample: it blurs where the fills disagree."""
-        b, n = candidates.shape[:2]
+        n = candidates.shape[1]
+        return np.concatenate([self._decoded_mean(chunk)  # a few grids at a time: bounded memory
+                               for chunk in candidates.split(max(1, MEAN_CHUNK_IMAGES // n))])
+
+    def _decoded_mean(self, candidates: torch.Tensor) -> np.ndarray:
         decoded = self.decode(candidates.flatten(0, 1))
-        return decoded.reshape(b, n, *decoded.shape[1:]).mean(1)
+        return decoded.reshape(*candidates.shape[:2], *decoded.shape[1:]).mean(1)
 
     def surprise(self, indices: torch.Tensor,
                  positions: torch.Tensor | None = None) -> torch.Tensor:

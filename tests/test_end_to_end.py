@@ -269,7 +269,8 @@ def test_inpainting_fills_at_the_inpainting_temperature(trained_run):
         assert torch.equal(fills.full, expected.full) == same
 
 
-def test_mean_fill_averages_each_grids_own_decoded_candidates(trained_run):
+def test_mean_fill_averages_each_grids_own_decoded_candidates(trained_run, monkeypatch):
+    monkeypatch.setattr(inference, "MEAN_CHUNK_IMAGES", 4)  # 2 grids at a time: 2 chunks
     run = inference.Run(trained_run, torch.device("cpu"))
     candidates = torch.randint(0, run.prior.cfg.n_codes, (3, 2, 32, 32),
                                generator=torch.Generator().manual_seed(0))
