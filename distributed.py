@@ -76,7 +76,7 @@ def leave_distributed() -> None:
     """Wait for every rank, then close the process group. A rank that exits while gloo still
     holds its connections can make another rank's gloo thread abort (SIGABRT) at exit."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
