@@ -138,7 +138,8 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
                   groups_a: np.ndarray | None = None,
                   groups_b: np.ndarray | None = None) -> float:
     """Held-out accuracy of a small CNN telling slices `a` from slices `b`, over `folds`
-    folds; min(len(a), len(b)) slices of each, chosen with `seed`.
+    folds; min(len(a), len(b)) slices of each, chosen with `seed`. NaN where no fold can be
+    scored (one group a side: holding one out leaves that side nothing to learn from).
 
     `backbone`: a SliceEncoder trained on other data (the position regressor) whose
     convolutions the classifier keeps frozen, training only its fully connected layers: with
@@ -166,16 +167,18 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
             torch.randperm(n, generator=pick) % folds if groups is None  # balanced folds
             else torch.tensor([fold_of[g] for g in np.asarray(groups)[rows]])
             for groups, rows in zip((groups_a, groups_b), chosen, strict=True)])
-        correct = 0
+        correct = scored = 0
         for k in range(folds):
             train, held = fold != k, fold == k
-            if not held.any():  # fewer groups than folds
+            # nothing held out (fewer groups than folds), or one side only left to learn from
+            if not held.any() or labels[train].unique().numel() < 2:
                 continue
             model = fit(classifier(backbone), x[train], labels[train],
                         F.binary_cross_entropy_with_logits, epochs, batch_size, lr)
             predicted = batched(model, x[held]) > 0
             correct += int((predicted == labels[held].bool()).sum())
-    return correct / (2 * n)
+            scored += int(held.sum())
+    return correct / scored if scored else float("nan")
 
 
 def classifier(backbone: SliceEncoder | None) -> nn.Module:
@@ -191,11 +194,18 @@ def classifier(backbone: SliceEncoder | None) -> nn.Module:
 
 
 def group_folds(groups: list[np.ndarray], folds: int, generator: torch.Generator) -> dict:
-    """A fold for every group named in `groups` (both sides' together, so a group on both
-    sides lands in one fold): the groups dealt round-robin in a random order."""
-    names = np.unique(np.concatenate(groups)) if groups else np.array([])
-    order = torch.randperm(len(names), generator=generator).tolist()
-    return {names[i]: k % folds for k, i in enumerate(order)}
+    """A fold for every group named in `groups` (one array per side): each side's groups dealt
+    round-robin in a random order, so that every fold holds out about as many groups of one
+    side as of the other. Dealt together, five subjects a side could leave a fold with two of
+    one side and none of the other: a classifier that learnt nothing then votes for the side
+    it saw more of, and scores far below chance on that fold. A group on both sides keeps the
+    fold it was dealt first."""
+    fold_of: dict = {}
+    for side in groups:
+        names = [name for name in np.unique(side) if name not in fold_of]
+        order = torch.randperm(len(names), generator=generator).tolist()
+        fold_of.update({names[i]: k % folds for k, i in enumerate(order)})
+    return fold_of
 
 
 # ---------------------------------------------------------------- baselines that must fail

@@ -1,5 +1,6 @@
 """generation.py's wiring: which slices each sanity case is built from and compared with."""
 import numpy as np
+import pytest
 import torch
 
 import generation
@@ -46,9 +47,48 @@ def test_chimeras_come_from_other_subjects_than_the_real_side(monkeypatch):
     monkeypatch.setattr(generation, "c2st", spy_c2st)
     train_grids = torch.from_numpy(np.random.default_rng(1).integers(0, 8, (20, 8, 8)))
     scores = generation.sanity_scores(GridRun(), reference, train_grids, 10, seed=0)
-    assert set(scores) == {"c2st_real_vs_real", "c2st_unigram", "c2st_chimera"}
+    assert set(scores) == {"c2st_real_vs_real", "c2st_real_vs_real_sd", "c2st_unigram",
+                           "c2st_chimera"}
     assert torch.equal(seen["grids"], reference.other_grids)
     chimeras, real = seen["pairs"][-1]
     # validation codes (8..15) decode to ≥ 127, test codes (0..7) to ≤ 112
     assert chimeras.min() >= 127  # every site of every chimera from a validation grid
     assert real.max() <= 112  # the real side: test reconstructions only
+
+
+def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monkeypatch):
+    # Each split: two halves of the eight held-out subjects (validation and test pooled), no
+    # subject on both sides, at most `per_side` slices a side; the scores: mean and sd.
+    reference = _reference(np.random.default_rng(0))
+    images = np.concatenate([reference.other, reference.reconstructions])
+    cases = np.concatenate([reference.other_cases, reference.cases])
+    calls = []
+
+    def spy_c2st(a, b, reference, seed, groups_a=None, groups_b=None):
+        calls.append((a, b, groups_a, groups_b))
+        return [0.4, 0.6, 0.5][len(calls) % 3]
+
+    monkeypatch.setattr(generation, "c2st", spy_c2st)
+    scores = generation.real_vs_real(reference, seed=0, splits=6, per_side=7)
+    assert len(calls) == 6
+    assert scores["c2st_real_vs_real"] == pytest.approx(0.5)
+    assert scores["c2st_real_vs_real_sd"] == pytest.approx(np.std([0.6, 0.5, 0.4] * 2))
+    halves = set()
+    for a, b, groups_a, groups_b in calls:
+        assert len(a) == len(b) == 7 == len(groups_a) == len(groups_b)
+        assert not set(groups_a) & set(groups_b)
+        for side, groups in ((a, groups_a), (b, groups_b)):  # each slice keeps its subject
+            for image, group in zip(side, groups, strict=True):
+                assert any(np.array_equal(image, images[i])
+                           for i in np.flatnonzero(cases == group))
+        halves.add(frozenset(groups_a))
+    assert len(halves) > 1  # the splits differ
+
+
+def test_real_vs_real_of_one_subject_a_half_is_nan():
+    # With two held-out subjects each half is one subject: no subject can be held out of a
+    # side that still has one to learn from, so no fold can be scored.
+    reference = _reference(np.random.default_rng(0))
+    reference.other_cases = np.full(len(reference.other_cases), "v")
+    reference.cases = np.full(len(reference.cases), "t")
+    assert np.isnan(generation.real_vs_real(reference, seed=0, splits=2)["c2st_real_vs_real"])

@@ -14,6 +14,7 @@ from sample_scores import (
     chimera_grids,
     features,
     frechet_distance,
+    group_folds,
     predict_positions,
     train_position_regressor,
     unigram_grids,
@@ -157,6 +158,25 @@ def test_c2st_keeps_near_duplicate_groups_in_one_fold():
     grouped = c2st_accuracy(a, b, seed=0, epochs=15, groups_a=subjects[0::2],
                             groups_b=subjects[1::2])
     assert abs(grouped - 0.5) <= 0.2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_folds_hold_out_as_many_groups_of_each_side(seed):
+    # Five subjects a side, five folds: every fold must hold out one subject of each side.
+    # Dealt as one pool, some fold would get two of one side and none of the other, and a
+    # classifier that learnt nothing would score far below chance there.
+    sides = [np.array([f"val{i}" for i in range(5)]).repeat(3),
+             np.array([f"test{i}" for i in range(5)]).repeat(3)]
+    fold_of = group_folds(sides, 5, torch.Generator().manual_seed(seed))
+    for side in sides:
+        assert sorted(fold_of[name] for name in np.unique(side)) == list(range(5))
+
+
+def test_group_folds_keep_a_group_on_both_sides_in_one_fold():
+    fold_of = group_folds([np.array(["a", "b", "c"]), np.array(["c", "d", "e"])], 3,
+                          torch.Generator().manual_seed(0))
+    assert set(fold_of) == {"a", "b", "c", "d", "e"}
+    assert sorted(fold_of[name] for name in "abc") == [0, 1, 2]
 
 
 def two_disc_slices(top_levels: np.ndarray, bottom_levels: np.ndarray,
