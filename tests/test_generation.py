@@ -58,8 +58,16 @@ def test_chimeras_come_from_other_subjects_than_the_real_side(monkeypatch):
 
 def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monkeypatch):
     # Each split: two halves of the eight held-out subjects (validation and test pooled), no
-    # subject on both sides, at most `per_side` slices a side; the scores: mean and sd.
+    # subject on both sides, at most `per_side` slices a side, the two-sample test and the
+    # Fréchet distance on the same halves; the scores: means and sds over the splits.
     reference = _reference(np.random.default_rng(0))
+    reference.regressor = object()  # stands in for the position regressor: _frechet is a spy
+    distances = []
+
+    def spy_frechet(regressor, a, b):
+        distances.append((a, b))
+        return float(len(distances))
+
     images = np.concatenate([reference.other, reference.reconstructions])
     cases = np.concatenate([reference.other_cases, reference.cases])
     calls = []
@@ -69,10 +77,15 @@ def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monke
         return [0.4, 0.6, 0.5][len(calls) % 3]
 
     monkeypatch.setattr(generation, "c2st", spy_c2st)
+    monkeypatch.setattr(generation, "_frechet", spy_frechet)
     scores = generation.real_vs_real(reference, seed=0, splits=6, per_side=7)
-    assert len(calls) == 6
+    assert len(calls) == len(distances) == 6
     assert scores["c2st_real_vs_real"] == pytest.approx(0.5)
     assert scores["c2st_real_vs_real_sd"] == pytest.approx(np.std([0.6, 0.5, 0.4] * 2))
+    assert scores["sample_fd_real_vs_real"] == pytest.approx(3.5)  # mean of 1..6
+    assert scores["sample_fd_real_vs_real_sd"] == pytest.approx(np.std(np.arange(1, 7)))
+    for (a, b, _, _), (fd_a, fd_b) in zip(calls, distances, strict=True):
+        assert np.array_equal(a, fd_a) and np.array_equal(b, fd_b)
     halves = set()
     for a, b, groups_a, groups_b in calls:
         assert len(a) == len(b) == 7 == len(groups_a) == len(groups_b)
