@@ -128,6 +128,9 @@ def real_vs_real(reference: RealReference, seed: int,
     cases = np.concatenate([reference.other_cases, reference.cases])
     subjects = np.unique(cases)
     generator = torch.Generator().manual_seed(seed + 2)
+    # every split draws from the same slices: their features once, not once per split
+    feats = None if reference.regressor is None else \
+        sample_scores.features(reference.regressor, images)
     accuracies, distances = [], []
     for split in range(splits):
         half = np.isin(cases, subjects[torch.randperm(len(subjects), generator=generator)
@@ -135,8 +138,8 @@ def real_vs_real(reference: RealReference, seed: int,
         a, b = (_some(where, per_side, generator) for where in (half, ~half))
         accuracies.append(c2st(images[a], images[b], reference, seed + split, cases[a],
                                cases[b]))
-        if reference.regressor is not None and len(a) > 1 and len(b) > 1:
-            distances.append(_frechet(reference.regressor, images[a], images[b]))
+        if feats is not None and len(a) > 1 and len(b) > 1:
+            distances.append(sample_scores.frechet_distance(feats[a], feats[b]))
     scores = {"c2st_real_vs_real": float(np.mean(accuracies)),
               "c2st_real_vs_real_sd": float(np.std(accuracies))}
     if distances:

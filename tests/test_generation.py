@@ -61,11 +61,14 @@ def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monke
     # subject on both sides, at most `per_side` slices a side, the two-sample test and the
     # Fréchet distance on the same halves; the scores: means and sds over the splits.
     reference = _reference(np.random.default_rng(0))
-    reference.regressor = object()  # stands in for the position regressor: _frechet is a spy
+    reference.regressor = object()  # stands in for the position regressor: both spied on
     distances = []
 
-    def spy_frechet(regressor, a, b):
-        distances.append((a, b))
+    def spy_features(regressor, images):  # each slice's "features": its own pixels
+        return images.reshape(len(images), -1).astype(np.float64)
+
+    def spy_frechet(feats_a, feats_b):
+        distances.append((feats_a, feats_b))
         return float(len(distances))
 
     images = np.concatenate([reference.other, reference.reconstructions])
@@ -77,7 +80,8 @@ def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monke
         return [0.4, 0.6, 0.5][len(calls) % 3]
 
     monkeypatch.setattr(generation, "c2st", spy_c2st)
-    monkeypatch.setattr(generation, "_frechet", spy_frechet)
+    monkeypatch.setattr(generation.sample_scores, "features", spy_features)
+    monkeypatch.setattr(generation.sample_scores, "frechet_distance", spy_frechet)
     scores = generation.real_vs_real(reference, seed=0, splits=6, per_side=7)
     assert len(calls) == len(distances) == 6
     assert scores["c2st_real_vs_real"] == pytest.approx(0.5)
@@ -85,7 +89,8 @@ def test_real_vs_real_splits_the_held_out_subjects_and_averages_the_splits(monke
     assert scores["sample_fd_real_vs_real"] == pytest.approx(3.5)  # mean of 1..6
     assert scores["sample_fd_real_vs_real_sd"] == pytest.approx(np.std(np.arange(1, 7)))
     for (a, b, _, _), (fd_a, fd_b) in zip(calls, distances, strict=True):
-        assert np.array_equal(a, fd_a) and np.array_equal(b, fd_b)
+        assert np.array_equal(spy_features(None, a), fd_a)
+        assert np.array_equal(spy_features(None, b), fd_b)
     halves = set()
     for a, b, groups_a, groups_b in calls:
         assert len(a) == len(b) == 7 == len(groups_a) == len(groups_b)
