@@ -12,9 +12,12 @@
   pass the chosen value with --inpaint-temperature.
 
 Either way, of the temperatures within the seeds' noise of the best one, the one closest to 1.0
-(the prior's own distribution) is chosen.
+(the prior's own distribution) is chosen. For generation, `--top-p` adds nuclei: each temperature
+is scored with each, and the tie goes to the setting nearest the prior's own distribution
+(|temperature − 1| + 1 − top-p); pass the chosen one to predict.py with --top-p.
 
     python choose_temperature.py --run runs/demo --temperatures 0.9 1.0 --seeds 0 1 2
+    python choose_temperature.py --run runs/demo --temperatures 1.0 --top-p 0.9 0.95 1.0
     python choose_temperature.py --run runs/demo --task inpainting --temperatures 0.6 1.0
 """
 from __future__ import annotations
@@ -48,25 +51,41 @@ def validation_side(reference: generation.RealReference) -> generation.RealRefer
                    positions=reference.other_positions)
 
 
+def setting_key(temperature: float, top_p: float = 1.0) -> str:
+    """The results' key of a sampling setting: the temperature, and the nucleus if any."""
+    return str(temperature) if top_p >= 1.0 else f"{temperature} top-p {top_p}"
+
+
+def parse_setting(key: str) -> tuple[float, float]:
+    """`setting_key`'s inverse: (temperature, top_p)."""
+    temperature, _, top_p = key.partition(" top-p ")
+    return float(temperature), float(top_p) if top_p else 1.0
+
+
 def score_temperatures(run: Run, reference: generation.RealReference,
-                       temperatures: list[float], seeds: list[int], n: int) -> dict:
-    """{temperature: {side: {score: [one value per seed]}}} for side in validate, test."""
+                       temperatures: list[float], seeds: list[int], n: int,
+                       top_ps: tuple[float, ...] = (1.0,)) -> dict:
+    """{setting_key: {side: {score: [one value per seed]}}} for side in validate, test, for
+    each temperature with each nucleus `top_ps`."""
     sides = {"validate": validation_side(reference), "test": reference}
     results: dict = {}
     for temperature in temperatures:
-        scores = {side: {name: [] for name in SCORES} for side in sides}
-        for seed in seeds:
-            positions = generation.sample_positions(sides["validate"], n, seed)
-            grids = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions)
-            samples = to_uint8(run.decode(grids))
-            for side, real in sides.items():
-                for name, value in generation.generation_scores(samples, positions, real,
-                                                                seed).items():
-                    scores[side][name].append(value)
-            print(f"temperature {temperature} seed {seed}: " + ", ".join(
-                f"{side} c2st {scores[side]['c2st_accuracy'][-1]:.3f}" for side in sides),
-                flush=True)
-        results[str(temperature)] = scores
+        for top_p in top_ps:
+            key = setting_key(temperature, top_p)
+            scores = {side: {name: [] for name in SCORES} for side in sides}
+            for seed in seeds:
+                positions = generation.sample_positions(sides["validate"], n, seed)
+                grids = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions,
+                                   top_p)
+                samples = to_uint8(run.decode(grids))
+                for side, real in sides.items():
+                    for name, value in generation.generation_scores(samples, positions, real,
+                                                                    seed).items():
+                        scores[side][name].append(value)
+                print(f"temperature {key} seed {seed}: " + ", ".join(
+                    f"{side} c2st {scores[side]['c2st_accuracy'][-1]:.3f}" for side in sides),
+                    flush=True)
+            results[key] = scores
     return results
 
 
@@ -99,19 +118,26 @@ def score_inpainting_temperatures(run: Run, sides: dict[str, SliceSet],
     return results
 
 
+def chosen_setting(results: dict, score: str = "c2st_accuracy",
+                   higher_is_better: bool = False) -> tuple[float, float]:
+    """Of the settings (temperature, top-p) whose mean validation `score` the seeds cannot tell
+    from the best one (by default the best: whose samples the two-sample test tells apart
+    least), the one closest to the prior's own distribution (temperature 1, no nucleus). A
+    setting counts as worse only where its mean is worse by more than two standard errors of
+    the difference between the means over the seeds."""
+    sign = -1.0 if higher_is_better else 1.0  # as costs: lower is better
+    cost = {parse_setting(key): sign * np.asarray(sides["validate"][score])
+            for key, sides in results.items()}
+    best = min(cost, key=lambda s: cost[s].mean())
+    tied = [s for s in cost if cost[s].mean() - cost[best].mean()
+            <= 2 * _standard_error(cost[s], cost[best])]
+    return min(tied, key=lambda s: abs(s[0] - 1.0) + 1.0 - s[1])
+
+
 def chosen_temperature(results: dict, score: str = "c2st_accuracy",
                        higher_is_better: bool = False) -> float:
-    """Of the temperatures whose mean validation `score` the seeds cannot tell from the best one
-    (by default the best: whose samples the two-sample test tells apart least), the one closest
-    to 1.0, the prior's own distribution. A temperature counts as worse only where its mean is
-    worse by more than two standard errors of the difference between the means over the seeds.
-    """
-    sign = -1.0 if higher_is_better else 1.0  # as costs: lower is better
-    cost = {float(t): sign * np.asarray(sides["validate"][score]) for t, sides in results.items()}
-    best = min(cost, key=lambda t: cost[t].mean())
-    tied = [t for t in cost if cost[t].mean() - cost[best].mean()
-            <= 2 * _standard_error(cost[t], cost[best])]
-    return min(tied, key=lambda t: abs(t - 1.0))
+    """`chosen_setting`'s temperature."""
+    return chosen_setting(results, score, higher_is_better)[0]
 
 
 def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -139,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--task", choices=["generation", "inpainting"], default="generation")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.9, 1.0])
+    p.add_argument("--top-p", type=float, nargs="+", default=[1.0], dest="top_ps",
+                   help="generation: nuclei to score with each temperature (1: none)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-samples", type=int, default=64,
                    help="generation: brains generated per seed")
@@ -147,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.temperatures) <= 0:
         p.error("--temperatures must be positive")
+    if not all(0 < top_p <= 1 for top_p in args.top_ps):
+        p.error("--top-p must lie in (0, 1]")
+    if args.task == "inpainting" and args.top_ps != [1.0]:
+        p.error("--top-p is for generation; inpainting draws from the whole distribution")
     if args.n_samples < 2:
         p.error("--n-samples must be at least 2")
     if args.n_inpaint < 1:
@@ -160,12 +192,13 @@ def choose_for_generation(run: Run, splits: dict[str, SliceSet],
     reference = generation.real_reference(
         run, splits["train"], splits["validate"], test, run.decode(run.encode(test.images)),
         seed=0)
-    results = score_temperatures(run, reference, args.temperatures, args.seeds, args.n_samples)
+    results = score_temperatures(run, reference, args.temperatures, args.seeds, args.n_samples,
+                                 tuple(args.top_ps))
     print_table(results, SCORES)
-    chosen = chosen_temperature(results)
-    print(f"chosen on validation: temperature {chosen}")
-    write_json({"chosen": chosen, "seeds": args.seeds, "n_samples": args.n_samples,
-                "scores": results}, run.path / "temperature.json")
+    chosen, top_p = chosen_setting(results)
+    print(f"chosen on validation: temperature {chosen}, top-p {top_p}")
+    write_json({"chosen": chosen, "chosen_top_p": top_p, "seeds": args.seeds,
+                "n_samples": args.n_samples, "scores": results}, run.path / "temperature.json")
 
 
 def choose_for_inpainting(run: Run, splits: dict[str, SliceSet],

@@ -147,6 +147,9 @@ class PredictSettings:
     n_show: int = 6  # test images in the reconstruction and inpainting figures
     n_samples: int = 8  # brains generated from scratch
     temperature: float = 1.0
+    # Generation's nucleus (1: the whole distribution). Smaller ones were told apart from real
+    # slices more often on the demo's validation split (README, "Sampling temperature").
+    top_p: float = 1.0
     seed: int = 0
     n_eval_samples: int = 64  # generated brains scored for memorisation and diversity
     n_inpaint: int = 8  # test images inpainted for the inpainting metrics

@@ -36,10 +36,10 @@ STACK_LEVELS = 8  # generated brains in generated_stack.png, bottom to top
 
 
 def figure_generated(run: Run, positions: torch.Tensor, temperature: float, seed: int,
-                     out: Path) -> None:
+                     out: Path, top_p: float = 1.0) -> None:
     """Brains generated from scratch at relative slice `positions` (n,)."""
     start, n = time.time(), len(positions)
-    indices = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions)
+    indices = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions, top_p)
     brains = run.decode(indices)
     print(f"generated {n} brains in {time.time() - start:.1f}s")
     per_row = min(n, 4)
@@ -49,12 +49,12 @@ def figure_generated(run: Run, positions: torch.Tensor, temperature: float, seed
 
 
 def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
-                           levels: int = STACK_LEVELS) -> None:
+                           levels: int = STACK_LEVELS, top_p: float = 1.0) -> None:
     """One generated brain per relative slice position, from the lowest level (0, cerebellum)
     to the highest (1, vertex), two draws each."""
     positions = torch.linspace(0, 1, levels).repeat(2)
     brains = run.decode(run.sample(torch.full((2 * levels, 32, 32), -1), temperature, seed,
-                                   positions))
+                                   positions, top_p))
     save_grid([list(brains[:levels]), list(brains[levels:])], path,
               col_titles=[f"position {p:.2f}" for p in positions[:levels].tolist()])
 

@@ -61,7 +61,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
                        test, reconstructions, args.seed)
     positions = generation.sample_positions(reference, args.n_eval_samples, args.seed)
     grids = run.sample(torch.full((len(positions), 32, 32), -1), args.temperature, args.seed,
-                       positions)
+                       positions, args.top_p)
     samples = to_uint8(run.decode(grids))
     metrics.update(_timed("samples", evaluation.sample_metrics, run, samples, reconstructions))
     metrics.update(_timed("generation scores", generation.generation_scores, samples,
@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="brains generated from scratch")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="sampling temperature of generated brains")
+    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
+                   help="nucleus sampling of generated brains: each site drawn from its "
+                        "likeliest codes that hold P of the probability (1: all codes)")
     p.add_argument("--inpaint-temperature", type=float, default=d.inpaint_temperature,
                    help="sampling temperature of inpainted fills (chosen on validation by "
                         "choose_temperature.py --task inpainting)")
@@ -171,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("temperature", "inpaint_temperature"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must lie in (0, 1]")
     if args.slice_position is not None and not 0 <= args.slice_position <= 1:
         p.error("--slice-position must lie in [0, 1]")
     args.settings = config.PredictSettings(
@@ -216,8 +221,9 @@ def run_predict(args: argparse.Namespace) -> Path:
     show, show_positions = test.images[shown], relative_positions(test.names)[shown]
     figure_reconstructions(run, show, out)
     figure_generated(run, generation_positions(args.n_samples, args.slice_position),
-                     args.temperature, args.seed, out)
-    figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png")
+                     args.temperature, args.seed, out, args.top_p)
+    figure_generated_stack(run, args.temperature, args.seed, out / "generated_stack.png",
+                           top_p=args.top_p)
     figure_inpainting(run, show, show_positions, bottom_half_mask(), args.seed,
                       args.settings.inpaint, out / "inpainting_bottom_half.png")
     if args.mask:

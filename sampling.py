@@ -12,37 +12,38 @@ from modules import PixelCNN, gate
 @torch.no_grad()
 def sample(prior: PixelCNN, indices: torch.Tensor, temperature: float = 1.0,
            generator: torch.Generator | None = None, method: str = "fast",
-           positions: torch.Tensor | None = None) -> torch.Tensor:
+           positions: torch.Tensor | None = None, top_p: float = 1.0) -> torch.Tensor:
     """Fill every −1 in `indices` (B, H, W) by ancestral sampling in raster order.
 
     Entries that are not −1 are kept as given (full generation: all −1; inpainting: some).
     `method="fast"` caches every layer's states and computes each site once;
     `method="naive"` is the reference: one forward pass per generated site. With the same
     generator state both return the same grids. `positions` (B,): each grid's relative slice
-    position, for a prior conditioned on it (None or NaN: unknown).
+    position, for a prior conditioned on it (None or NaN: unknown). `top_p` < 1: nucleus
+    sampling, each site drawn from its likeliest codes that hold that much probability.
     """
     out = check_sample_input(indices, prior.cfg.n_codes)
     if method == "naive":
-        return sample_naive(prior, out, temperature, generator, positions)
+        return sample_naive(prior, out, temperature, generator, positions, top_p)
     if method == "fast":
-        return sample_cached(prior, out, temperature, generator, positions)[0]
+        return sample_cached(prior, out, temperature, generator, positions, top_p)[0]
     raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
 
 
 def sample_naive(prior: PixelCNN, out: torch.Tensor, temperature: float,
                  generator: torch.Generator | None,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor | None = None, top_p: float = 1.0) -> torch.Tensor:
     """One forward pass per site to fill: the reference."""
     for r, c in sites_to_fill(out):
         # rows below r cannot matter
         logits = prior(out[:, : r + 1].clamp(min=0), positions)[:, :, r, c]
-        _fill_site(out, r, c, logits, temperature, generator)
+        _fill_site(out, r, c, logits, temperature, generator, top_p)
     return out
 
 
 def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
-                  generator: torch.Generator | None, positions: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, positions: torch.Tensor | None = None,
+                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached ancestral sampling. Returns the grid and the logits (B, K, H, W) used at the
     sampled sites (NaN elsewhere), for checking against a full forward pass."""
     b, height, width = out.shape
@@ -63,7 +64,7 @@ def sample_cached(prior: PixelCNN, out: torch.Tensor, temperature: float,
                     if c in columns[r]:
                         logits = cache.logits(h)
                         logits_used[:, :, r, c] = logits
-                        _fill_site(out, r, c, logits, temperature, generator)
+                        _fill_site(out, r, c, logits, temperature, generator, top_p)
                         cache.set_site(c, out[:, r, c])
             if r < last_row:
                 cache.finish_row(r)
@@ -279,7 +280,7 @@ def columns_to_fill(indices: torch.Tensor) -> dict[int, set[int]]:
 
 
 def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperature: float,
-               generator: torch.Generator | None) -> None:
+               generator: torch.Generator | None, top_p: float = 1.0) -> None:
     """Sample the site (r, c) for the batch items where it is −1, by inverse-CDF sampling.
 
     One uniform per batch item is drawn whether or not it is used, so any two samplers that
@@ -287,15 +288,27 @@ def _fill_site(out: torch.Tensor, r: int, c: int, logits: torch.Tensor, temperat
     """
     u = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64,
                    device=logits.device)
-    drawn = inverse_cdf(logits, temperature, u)
+    drawn = inverse_cdf(logits, temperature, u, top_p)
     missing = out[:, r, c] == -1
     out[missing, r, c] = drawn[missing]
 
 
-def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
+                top_p: float = 1.0) -> torch.Tensor:
     """(B, K) logits and (B,) uniforms in [0, 1) → (B,) codes: the bin of the softmax's CDF (in
-    float64, at `temperature`) that holds each uniform."""
+    float64, at `temperature`, cut to its nucleus where `top_p` < 1) that holds each uniform."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = nucleus(probs, top_p)
     cdf = probs.cumsum(-1)
     drawn = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:])
     return drawn.clamp(max=probs.shape[1] - 1).squeeze(1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, K) probabilities with all but each row's nucleus set to zero: its likeliest codes,
+    taken in order until they hold `top_p` of the probability (Holtzman et al. 2020), so a
+    code is kept when the codes likelier than it hold less than `top_p`. Not renormalised."""
+    ranked, order = probs.sort(dim=-1, descending=True)
+    kept = (ranked.cumsum(-1) - ranked) < top_p  # the likeliest code is always kept
+    return probs * torch.zeros_like(kept).scatter(-1, order, kept)

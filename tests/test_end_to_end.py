@@ -97,6 +97,15 @@ def test_choose_temperature_scores_each_temperature_on_both_sides_and_picks_on_v
     assert result["chosen"] in (0.5, 1.0)
 
 
+def test_choose_temperature_scores_each_nucleus_with_each_temperature(trained_run):
+    assert choose_temperature.main(["--run", str(trained_run), "--device", "cpu",
+                                    "--temperatures", "1.0", "--top-p", "0.5", "1.0",
+                                    "--seeds", "0", "1", "--n-samples", "3"]) == 0
+    result = json.loads((trained_run / "temperature.json").read_text())
+    assert set(result["scores"]) == {"1.0 top-p 0.5", "1.0"}
+    assert result["chosen"] == 1.0 and result["chosen_top_p"] in (0.5, 1.0)
+
+
 def test_choose_inpainting_temperature_scores_every_fill_on_both_sides(trained_run):
     assert choose_temperature.main(["--run", str(trained_run), "--device", "cpu",
                                     "--task", "inpainting", "--temperatures", "0.5", "1.0",
@@ -136,6 +145,18 @@ def test_chosen_inpainting_temperature_is_the_best_fill_on_validation_beyond_noi
     # higher on average, but by less than the seeds' spread
     assert choose(results([0.30, 0.45], [0.36, 0.37]), "full_ssim", higher_is_better=True) \
         == 1.0
+
+
+def test_chosen_setting_prefers_the_whole_distribution_among_settings_the_seeds_cannot_tell():
+    def scores(validate):
+        return {"validate": {"c2st_accuracy": validate}, "test": {"c2st_accuracy": [0.5]}}
+    results = {"1.0 top-p 0.9": scores([0.60, 0.62]), "1.0": scores([0.59, 0.67]),
+               "0.9": scores([0.80, 0.82])}
+    assert choose_temperature.chosen_setting(results) == (1.0, 1.0)
+    results["1.0"] = scores([0.70, 0.71])  # now the nucleus is better beyond the seeds' spread
+    assert choose_temperature.chosen_setting(results) == (1.0, 0.9)
+    assert choose_temperature.parse_setting(choose_temperature.setting_key(0.8, 0.95)) \
+        == (0.8, 0.95)
 
 
 def test_chosen_temperature_is_the_one_nearest_1_that_the_seeds_cannot_tell_from_the_best():
@@ -255,6 +276,28 @@ def test_temperatures_must_be_positive(flag, capsys):
     assert f"{flag} must be positive" in capsys.readouterr().err
     assert predict.parse_args([flag, "0.5"]).settings.inpaint.temperature == (
         0.5 if flag == "--inpaint-temperature" else config.PredictSettings().inpaint_temperature)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_top_p_must_lie_in_0_1(value, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--top-p", value])
+    assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+    assert predict.parse_args(["--top-p", "0.9"]).settings.top_p == 0.9
+
+
+def test_generated_brains_are_drawn_from_the_nucleus_asked_for(trained_run, monkeypatch):
+    asked = []
+    original = inference.Run.sample
+
+    def spy(self, indices, temperature, seed, positions=None, top_p=1.0):
+        asked.append(top_p)
+        return original(self, indices, temperature, seed, positions, top_p)
+
+    monkeypatch.setattr(inference.Run, "sample", spy)
+    assert predict.main(["--run", str(trained_run), "--n-samples", "2", "--n-show", "1",
+                         "--top-p", "0.5"]) == 0
+    assert asked == [0.5, 0.5]  # generated_brains and generated_stack; inpainting has its own
 
 
 def test_inpainting_fills_at_the_inpainting_temperature(trained_run):

@@ -10,7 +10,7 @@ from modules import (
     principal_components,
 )
 from priors import random_prior
-from sampling import sample, sample_cached
+from sampling import inverse_cdf, nucleus, sample, sample_cached
 
 SMALL_VQ = VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32)
 
@@ -149,6 +149,35 @@ def test_fast_sampler_matches_naive_exactly_for_generation_and_inpainting():
         fast = sample(model, grid, 1.0, torch.Generator().manual_seed(5), method="fast")
         naive = sample(model, grid, 1.0, torch.Generator().manual_seed(5), method="naive")
         assert torch.equal(fast, naive)
+
+
+def test_nucleus_keeps_the_likeliest_codes_until_they_hold_top_p():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.6, 0.15, 0.15, 0.1]], dtype=torch.float64)
+    # row 0: 0.5, 0.5 + 0.25 < 0.8, then 0.15 reaches it; row 1: 0.6 + 0.15 + 0.15 passes it
+    assert nucleus(probs, 0.8).tolist() == [[0.0, 0.5, 0.15, 0.25], [0.6, 0.15, 0.15, 0.0]]
+    assert nucleus(probs, 0.5).tolist() == [[0.0, 0.5, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0]]
+    assert nucleus(probs, 1e-9).tolist() == [[0.0, 0.5, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0]]
+
+
+def test_inverse_cdf_draws_only_from_the_nucleus_and_is_unchanged_without_one():
+    logits = torch.randn(4000, 12, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kept = nucleus(torch.softmax(logits.double() / 0.7, dim=-1), 0.6) > 0
+    drawn = inverse_cdf(logits, 0.7, u, top_p=0.6)
+    assert kept[torch.arange(4000), drawn].all()
+    assert len(set(drawn.tolist())) > 1  # not only the likeliest code
+    whole = inverse_cdf(logits, 0.7, u)
+    assert torch.equal(inverse_cdf(logits, 0.7, u, top_p=1.0), whole)
+    assert not kept[torch.arange(4000), whole].all()  # the whole distribution leaves it
+
+
+def test_fast_sampler_matches_naive_exactly_with_a_nucleus():
+    model = random_prior(dilations=(1, 2, 4, 1))
+    grid = torch.full((3, 6, 5), -1)
+    fast = sample(model, grid, 1.0, torch.Generator().manual_seed(5), "fast", top_p=0.5)
+    naive = sample(model, grid, 1.0, torch.Generator().manual_seed(5), "naive", top_p=0.5)
+    assert torch.equal(fast, naive)
+    assert not torch.equal(fast, sample(model, grid, 1.0, torch.Generator().manual_seed(5)))
 
 
 def test_fast_sampler_logits_match_a_full_forward_pass_on_the_final_grid():
