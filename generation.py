@@ -19,13 +19,17 @@ beside a case that must score well and cases that must score badly:
   subjects, 64 slices a side: a Fréchet distance estimated from 64 slices is biased upward by
   as much as it is for the samples, so only a real-vs-real value at that size compares).
 - `sample_position_mae`: that regressor's error on the positions the samples were generated
-  at, beside `test_position_mae` on real test slices."""
+  at, beside `test_position_mae` on real test slices.
+- `texture_scores` (texture_test.py, not in metrics.json): the two-sample test on
+  full-resolution patches from inside the brain, beside real against real (≈ 0.5), blurred
+  reconstructions and unigram slices (must be caught) and chimeras (real patches: ≈ 0.5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 import sample_scores
 from evaluation import to_uint8
@@ -37,6 +41,7 @@ C2ST_FOLDS = 5
 # single splits of its ten subjects scored 0.34 to 0.76, so one split says little.
 REAL_VS_REAL_SPLITS = 8
 REAL_VS_REAL_SLICES = 64  # a side, as many as the samples' test compares
+BLUR_SIGMA_PX = 1.0  # the texture test's blurred reconstructions: a texture that must be caught
 
 
 @dataclass
@@ -78,6 +83,16 @@ def sample_positions(reference: RealReference, n: int, seed: int) -> torch.Tenso
     pick = torch.randint(len(reference.positions), (n,),
                          generator=torch.Generator().manual_seed(seed))
     return reference.positions[pick]
+
+
+def generated_slices(run: Run, reference: RealReference, n: int, seed: int,
+                     temperature: float = 1.0, top_p: float = 1.0
+                     ) -> tuple[np.ndarray, torch.Tensor]:
+    """n uint8 brains (n, H, W) generated at levels drawn from the test slices' (as
+    `sample_positions`), and those levels (n,)."""
+    positions = sample_positions(reference, n, seed)
+    grids = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions, top_p)
+    return to_uint8(run.decode(grids)), positions
 
 
 def generation_scores(samples: np.ndarray, positions: torch.Tensor,
@@ -133,9 +148,7 @@ def real_vs_real(reference: RealReference, seed: int,
         sample_scores.features(reference.regressor, images)
     accuracies, distances = [], []
     for split in range(splits):
-        half = np.isin(cases, subjects[torch.randperm(len(subjects), generator=generator)
-                                       .numpy()[: len(subjects) // 2]])
-        a, b = (_some(where, per_side, generator) for where in (half, ~half))
+        a, b = _random_halves(cases, subjects, per_side, generator)
         accuracies.append(c2st(images[a], images[b], reference, seed + split, cases[a],
                                cases[b]))
         if feats is not None and len(a) > 1 and len(b) > 1:
@@ -146,6 +159,45 @@ def real_vs_real(reference: RealReference, seed: int,
         scores.update(sample_fd_real_vs_real=float(np.mean(distances)),
                       sample_fd_real_vs_real_sd=float(np.std(distances)))
     return scores
+
+
+def texture_scores(run: Run, reference: RealReference, samples: np.ndarray,
+                   train_grids: torch.Tensor, seed: int) -> dict[str, float]:
+    """The patch two-sample test (`sample_scores.c2st_patch_accuracy`) of uint8 generated
+    slices against as many real test reconstructions, beside cases whose answer is known:
+    real against real (random halves of the held-out subjects) and chimeras (every patch
+    real) must score ≈ 0.5; blurred reconstructions and unigram slices must be caught."""
+    n = len(samples)
+    real, cases = _matched_real(reference, n, seed)
+    generator = torch.Generator().manual_seed(seed)
+    held_out = np.concatenate([reference.other, reference.reconstructions])
+    held_out_cases = np.concatenate([reference.other_cases, reference.cases])
+    a, b = _random_halves(held_out_cases, np.unique(held_out_cases), n, generator)
+    blurred = to_uint8(ndimage.gaussian_filter(real / 255.0, (0, BLUR_SIGMA_PX, BLUR_SIGMA_PX)))
+    unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
+    against_real = {"texture_c2st": (samples, None), "texture_c2st_blurred": (blurred, cases),
+                    "texture_c2st_unigram": (unigram, None)}
+    known = reference.other_positions.isfinite()
+    if known.sum() >= 2:
+        chimeras = sample_scores.chimera_grids(reference.other_grids[known],
+                                               reference.other_positions[known], n, generator)
+        against_real["texture_c2st_chimera"] = (to_uint8(run.decode(chimeras)), None)
+    scores = {"texture_c2st_real_vs_real": sample_scores.c2st_patch_accuracy(
+        held_out[a], held_out[b], folds=min(C2ST_FOLDS, n), seed=seed,
+        groups_a=held_out_cases[a], groups_b=held_out_cases[b])}
+    for name, (fakes, groups) in against_real.items():
+        scores[name] = sample_scores.c2st_patch_accuracy(
+            fakes, real, folds=min(C2ST_FOLDS, n), seed=seed, groups_a=groups, groups_b=cases)
+    return scores
+
+
+def _random_halves(cases: np.ndarray, subjects: np.ndarray, per_side: int,
+                   generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of two halves of `subjects` drawn at random, up to `per_side` slices a side."""
+    half = np.isin(cases, subjects[torch.randperm(len(subjects), generator=generator)
+                                   .numpy()[: len(subjects) // 2]])
+    a, b = (_some(where, per_side, generator) for where in (half, ~half))
+    return a, b
 
 
 def _some(where: np.ndarray, n: int, generator: torch.Generator) -> np.ndarray:

@@ -27,7 +27,6 @@ import evaluation
 import generation
 from checkpoints import CONFIG_FILE, load_indices
 from distributed import DEVICES, choose_device
-from evaluation import to_uint8
 from figures import (
     figure_generated,
     figure_generated_stack,
@@ -59,10 +58,8 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
         figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
     reference = _timed("position regressor", generation.real_reference, run, train, validate,
                        test, reconstructions, args.seed)
-    positions = generation.sample_positions(reference, args.n_eval_samples, args.seed)
-    grids = run.sample(torch.full((len(positions), 32, 32), -1), args.temperature, args.seed,
-                       positions, args.top_p)
-    samples = to_uint8(run.decode(grids))
+    samples, positions = generation.generated_slices(run, reference, args.n_eval_samples,
+                                                     args.seed, args.temperature, args.top_p)
     metrics.update(_timed("samples", evaluation.sample_metrics, run, samples, reconstructions))
     metrics.update(_timed("generation scores", generation.generation_scores, samples,
                           positions, reference, args.seed))

@@ -13,6 +13,7 @@ import compare_priors
 import config
 import inference
 import predict
+import texture_test
 import train
 from demo_data import build_demo_dataset
 
@@ -104,6 +105,20 @@ def test_choose_temperature_scores_each_nucleus_with_each_temperature(trained_ru
     result = json.loads((trained_run / "temperature.json").read_text())
     assert set(result["scores"]) == {"1.0 top-p 0.5", "1.0"}
     assert result["chosen"] == 1.0 and result["chosen_top_p"] in (0.5, 1.0)
+
+
+def test_texture_test_scores_every_case_for_each_seed(trained_run):
+    assert texture_test.main(["--run", str(trained_run), "--device", "cpu", "--seeds", "0", "1",
+                              "--n-samples", "3"]) == 0
+    result = json.loads((trained_run / "texture_test.json").read_text())
+    assert set(result["scores"]) == set(texture_test.CASES)
+    scores = result["scores"]
+    # one test and one validation subject: real against real has one subject a half, and the
+    # blurred slices share the real side's only subject, so no fold can be scored
+    for name in ("texture_c2st_real_vs_real", "texture_c2st_blurred"):
+        assert len(scores[name]) == 2 and all(math.isnan(v) for v in scores[name])
+    for name in ("texture_c2st", "texture_c2st_unigram", "texture_c2st_chimera"):
+        assert len(scores[name]) == 2 and all(0 <= v <= 1 for v in scores[name])
 
 
 def test_choose_inpainting_temperature_scores_every_fill_on_both_sides(trained_run):

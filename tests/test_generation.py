@@ -110,3 +110,31 @@ def test_real_vs_real_of_one_subject_a_half_is_nan():
     reference.other_cases = np.full(len(reference.other_cases), "v")
     reference.cases = np.full(len(reference.cases), "t")
     assert np.isnan(generation.real_vs_real(reference, seed=0, splits=2)["c2st_real_vs_real"])
+
+
+def test_texture_scores_compare_each_case_with_the_same_real_slices(monkeypatch):
+    reference = _reference(np.random.default_rng(0))
+    calls = {}
+
+    def spy(a, b, folds, seed, groups_a=None, groups_b=None):
+        calls[len(calls)] = (a, b, groups_a, groups_b)
+        return 0.5
+
+    monkeypatch.setattr(generation.sample_scores, "c2st_patch_accuracy", spy)
+    samples = generation.to_uint8(GridRun().decode(torch.full((6, 8, 8), 3)))
+    train_grids = torch.from_numpy(np.random.default_rng(1).integers(0, 8, (10, 8, 8)))
+    scores = generation.texture_scores(GridRun(), reference, samples, train_grids, seed=0)
+    assert set(scores) == {"texture_c2st", "texture_c2st_real_vs_real", "texture_c2st_blurred",
+                           "texture_c2st_unigram", "texture_c2st_chimera"}
+    (rvr_a, rvr_b, groups_a, groups_b), *against_real = calls.values()
+    assert len(rvr_a) == len(rvr_b) == 6 and not set(groups_a) & set(groups_b)
+    real, real_cases = against_real[0][1], against_real[0][3]
+    assert len(real) == 6 and all(np.array_equal(b, real) for _, b, _, _ in against_real)
+    assert all(np.array_equal(groups, real_cases) for *_, groups in against_real)
+    fakes = [a for a, *_ in against_real]
+    assert any(np.array_equal(a, samples) for a in fakes)
+    blurred = [(a, groups) for a, _, groups, _ in against_real
+               if groups is not None and np.array_equal(groups, real_cases)]
+    assert len(blurred) == 1  # the blurred real slices keep their subjects' folds
+    assert not np.array_equal(blurred[0][0], real)
+    assert np.abs(blurred[0][0].astype(float) - real).mean() < 20  # a blur, not other slices

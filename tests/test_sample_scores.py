@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+import sample_scores
 from sample_scores import (
+    brain_patches,
     c2st_accuracy,
+    c2st_patch_accuracy,
     chimera_grids,
     features,
     frechet_distance,
     group_folds,
+    inside_corners,
     predict_positions,
     train_position_regressor,
     unigram_grids,
@@ -206,3 +210,71 @@ def test_c2st_on_a_frozen_backbone_sees_mismatched_halves_and_leaves_it_alone():
     assert abs(c2st_accuracy(real(48), real(48), backbone=backbone, seed=0) - 0.5) < 0.2
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def ring_brain(size: int = 64, level: int = 100) -> np.ndarray:
+    """uint8 (size, size): a disc of tissue of radius 24 with a dark ventricle (radius 5) at its
+    centre, on a black background."""
+    yy, xx = np.mgrid[:size, :size]
+    r2 = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    return np.where((r2 < 24**2) & (r2 >= 5**2), level, 0).astype(np.uint8)
+
+
+def test_patches_lie_wholly_inside_the_brain_with_its_ventricles():
+    image = ring_brain()
+    filled = ring_brain() > 0
+    filled[27:37, 27:37] |= True  # the ventricle counts as brain
+    corners = inside_corners(image, 16)
+    assert len(corners)
+    for y, x in corners:
+        assert filled[y: y + 16, x: x + 16].all()
+    # the window over the ventricle is one of them; none sticks out of the disc
+    assert any((y <= 24 and x <= 24 and y + 16 >= 40 and x + 16 >= 40) for y, x in corners)
+    assert len(inside_corners(np.zeros((64, 64), np.uint8), 16)) == 0
+
+
+def test_brain_patches_take_per_slice_patches_from_each_slice_with_room():
+    images = np.stack([ring_brain(level=100), np.zeros((64, 64), np.uint8),
+                       ring_brain(level=200)])
+    patches, owner = brain_patches(images, np.random.default_rng(0), size=16, per_slice=5)
+    assert patches.shape == (10, 16, 16) and owner.tolist() == [0] * 5 + [2] * 5
+    assert set(np.unique(patches[:5])) <= {0, 100} and set(np.unique(patches[5:])) <= {0, 200}
+    empty, none = brain_patches(images[1:2], np.random.default_rng(0), size=16)
+    assert empty.shape == (0, 16, 16) and len(none) == 0
+
+
+def textured(n: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (n, 64, 64) ring brains whose tissue carries pixel noise of sd `noise`."""
+    tissue = ring_brain() > 0
+    images = np.where(tissue, 120 + rng.normal(0, noise, (n, 64, 64)), 0)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def test_patch_c2st_tells_textures_apart_and_not_one_texture_from_itself():
+    rng = np.random.default_rng(0)
+    kwargs = dict(size=16, per_slice=6)  # the default epochs and learning rate
+    smooth, rough = textured(20, 2, rng), textured(20, 25, rng)
+    assert c2st_patch_accuracy(smooth, rough, seed=0, **kwargs) > 0.9
+    alike = c2st_patch_accuracy(textured(20, 10, rng), textured(20, 10, rng), seed=0, **kwargs)
+    assert 0.25 < alike < 0.75  # 240 patches a side: chance ± 4 sd and more
+
+
+def test_patch_c2st_keeps_each_slices_patches_and_each_group_in_one_fold(monkeypatch):
+    seen = {}
+
+    def spy(x, labels, fold, folds, make_model, epochs, batch_size, lr):
+        seen.update(labels=labels, fold=fold)
+        return 0.5
+
+    monkeypatch.setattr(sample_scores, "held_out_accuracy", spy)
+    rng = np.random.default_rng(0)
+    a, b = textured(6, 5, rng), textured(10, 5, rng)
+    groups_b = np.repeat(["s", "t", "u", "v", "w"], 2)
+    c2st_patch_accuracy(a, b, seed=0, groups_b=groups_b, size=16, per_slice=3)
+    fold, labels = seen["fold"], seen["labels"]
+    assert labels.tolist() == [0.0] * 18 + [1.0] * 30
+    for start in range(0, 18, 3):  # a slice of a: its three patches share a fold
+        assert len(set(fold[start: start + 3].tolist())) == 1
+    for start in range(18, 48, 6):  # a group of b (two slices): its six patches share one
+        assert len(set(fold[start: start + 6].tolist())) == 1
+    assert len(set(fold[:18].tolist())) == len(set(fold[18:].tolist())) == 5

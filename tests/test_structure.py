@@ -5,7 +5,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train", "predict", "compare_priors", "choose_temperature", "bench", "noise_ceiling",
-           "context_probe"}
+           "context_probe", "texture_test"}
 MAX_LINES = 600
 
 
