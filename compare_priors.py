@@ -1,8 +1,8 @@
 """Compare a run's PixelCNN prior with a seed-style prior (indices fed as a scaled scalar,
 seven gated layers with dilations 1,2,1,4,1,2,1) trained for the same number of epochs on the
 same index grids, by bits per index on the test split and by how real its samples are
-(generation.py's scores); and, as an ablation, with the same PixelCNN trained without starting
-its embedding from the codebook. Writes RUN/prior_comparison.json.
+(generation.py's scores, the texture test's included); and, as an ablation, with the same
+PixelCNN trained without starting its embedding from the codebook. Writes RUN/prior_comparison.json.
 
     python compare_priors.py --run runs/demo
 """
@@ -108,8 +108,9 @@ def seed_style_sample_scores(run: Path, baseline: PixelCNN, indices: dict,
     grids = draw(baseline.eval(), torch.full((args.n_samples, 32, 32), -1, device=device), 1.0,
                  generator).cpu()
     unknown = torch.full((args.n_samples,), float("nan"))  # the seed's prior knows no position
-    scores = generation.generation_scores(to_uint8(trained.decode(grids)), unknown, reference,
-                                          args.seed)
+    samples = to_uint8(trained.decode(grids))
+    scores = generation.generation_scores(samples, unknown, reference, args.seed)
+    scores["texture_c2st"] = generation.texture_c2st(samples, reference, args.seed)
     return {f"seed_style_{key}": value for key, value in scores.items()}
 
 
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablation: ours with a randomly started embedding "
               f"{result['test_bits_per_index_ours_random_embedding']:.3f}")
     if "seed_style_c2st_accuracy" in result:
-        print(f"seed-style samples: c2st accuracy {result['seed_style_c2st_accuracy']:.3f} "
+        print(f"seed-style samples: c2st accuracy {result['seed_style_c2st_accuracy']:.3f}, "
+              f"on texture {result['seed_style_texture_c2st']:.3f} "
               "(0.5: indistinguishable from real)")
     return 0
 

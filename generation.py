@@ -168,27 +168,36 @@ def texture_scores(run: Run, reference: RealReference, samples: np.ndarray,
     real against real (random halves of the held-out subjects) and chimeras (every patch
     real) must score ≈ 0.5; blurred reconstructions and unigram slices must be caught."""
     n = len(samples)
-    real, cases = _matched_real(reference, n, seed)
+    real, cases = _matched_real(reference, n, seed)  # as texture_c2st's
     generator = torch.Generator().manual_seed(seed)
     held_out = np.concatenate([reference.other, reference.reconstructions])
     held_out_cases = np.concatenate([reference.other_cases, reference.cases])
     a, b = _random_halves(held_out_cases, np.unique(held_out_cases), n, generator)
     blurred = to_uint8(ndimage.gaussian_filter(real / 255.0, (0, BLUR_SIGMA_PX, BLUR_SIGMA_PX)))
     unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
-    against_real = {"texture_c2st": (samples, None), "texture_c2st_blurred": (blurred, cases),
+    against_real = {"texture_c2st_blurred": (blurred, cases),
                     "texture_c2st_unigram": (unigram, None)}
     known = reference.other_positions.isfinite()
     if known.sum() >= 2:
         chimeras = sample_scores.chimera_grids(reference.other_grids[known],
                                                reference.other_positions[known], n, generator)
         against_real["texture_c2st_chimera"] = (to_uint8(run.decode(chimeras)), None)
-    scores = {"texture_c2st_real_vs_real": sample_scores.c2st_patch_accuracy(
-        held_out[a], held_out[b], folds=min(C2ST_FOLDS, n), seed=seed,
-        groups_a=held_out_cases[a], groups_b=held_out_cases[b])}
+    scores = {"texture_c2st": texture_c2st(samples, reference, seed),
+              "texture_c2st_real_vs_real": sample_scores.c2st_patch_accuracy(
+                  held_out[a], held_out[b], folds=min(C2ST_FOLDS, n), seed=seed,
+                  groups_a=held_out_cases[a], groups_b=held_out_cases[b])}
     for name, (fakes, groups) in against_real.items():
         scores[name] = sample_scores.c2st_patch_accuracy(
             fakes, real, folds=min(C2ST_FOLDS, n), seed=seed, groups_a=groups, groups_b=cases)
     return scores
+
+
+def texture_c2st(samples: np.ndarray, reference: RealReference, seed: int) -> float:
+    """The patch two-sample test of uint8 generated slices against as many real test
+    reconstructions, each subject's in one fold."""
+    real, cases = _matched_real(reference, len(samples), seed)
+    return sample_scores.c2st_patch_accuracy(samples, real, folds=min(C2ST_FOLDS, len(samples)),
+                                             seed=seed, groups_b=cases)
 
 
 def _random_halves(cases: np.ndarray, subjects: np.ndarray, per_side: int,

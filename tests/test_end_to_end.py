@@ -82,6 +82,7 @@ def test_compare_priors_trains_both_baselines_and_scores_the_test_split(trained_
     assert result["params_seed_style"] < result["params_ours"]
     assert result["test_bits_per_index_ours_random_embedding"] > 0  # the tiny profile ablates
     assert 0 <= result["seed_style_c2st_accuracy"] <= 1 and result["seed_style_sample_fd"] >= 0
+    assert 0 <= result["seed_style_texture_c2st"] <= 1
 
 
 def test_choose_temperature_scores_each_temperature_on_both_sides_and_picks_on_validation(

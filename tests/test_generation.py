@@ -126,7 +126,8 @@ def test_texture_scores_compare_each_case_with_the_same_real_slices(monkeypatch)
     scores = generation.texture_scores(GridRun(), reference, samples, train_grids, seed=0)
     assert set(scores) == {"texture_c2st", "texture_c2st_real_vs_real", "texture_c2st_blurred",
                            "texture_c2st_unigram", "texture_c2st_chimera"}
-    (rvr_a, rvr_b, groups_a, groups_b), *against_real = calls.values()
+    first, (rvr_a, rvr_b, groups_a, groups_b), *rest = calls.values()
+    against_real = [first, *rest]
     assert len(rvr_a) == len(rvr_b) == 6 and not set(groups_a) & set(groups_b)
     real, real_cases = against_real[0][1], against_real[0][3]
     assert len(real) == 6 and all(np.array_equal(b, real) for _, b, _, _ in against_real)
