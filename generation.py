@@ -58,14 +58,17 @@ class RealReference:
     regressor: sample_scores.SliceEncoder | None  # None where no training slice has a position
 
 
-def real_reference(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet,
+def real_reference(run: Run, train: SliceSet | None, validate: SliceSet, test: SliceSet,
                    test_reconstructions: np.ndarray, seed: int) -> RealReference:
-    train_positions = relative_positions(train.names)
-    known = train_positions.isfinite()
+    """The held-out slices through the VQ-VAE, and the position regressor trained on `train`
+    (no training split: none, for scores that do not use it)."""
     regressor = None
-    if known.sum() >= 2:
-        regressor = sample_scores.train_position_regressor(
-            train.images[known].numpy(), train_positions[known].numpy(), seed=seed)
+    if train is not None:
+        train_positions = relative_positions(train.names)
+        known = train_positions.isfinite()
+        if known.sum() >= 2:
+            regressor = sample_scores.train_position_regressor(
+                train.images[known].numpy(), train_positions[known].numpy(), seed=seed)
     other_grids = run.encode(validate.images)
     return RealReference(to_uint8(test_reconstructions), _cases(test.names),
                          to_uint8(run.decode(other_grids)), _cases(validate.names), other_grids,

@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = Run(args.run, choose_device(args.device))
         splits = load_splits(Path(args.data) if args.data else run.data_root,
-                             splits=("train", "validate", "test"), spacing=run.spacing)
+                             splits=("validate", "test"), spacing=run.spacing)
         test = splits["test"]
-        reference = generation.real_reference(run, splits["train"], splits["validate"], test,
+        # the texture test needs no position regressor, hence no training slices
+        reference = generation.real_reference(run, None, splits["validate"], test,
                                               run.decode(run.encode(test.images)), seed=0)
     except (RunError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
