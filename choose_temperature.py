@@ -28,13 +28,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import generation
 from config import PredictSettings
 from dataset import load_splits
 from distributed import DEVICES, choose_device
-from evaluation import INPAINT_METHODS, inpainting_metrics, to_uint8
+from evaluation import INPAINT_METHODS, inpainting_metrics
 from inference import Run
 from io_utils import RunError, write_json
 from masks import INPAINT_MASKS
@@ -73,11 +72,9 @@ def score_temperatures(run: Run, reference: generation.RealReference,
         for top_p in top_ps:
             key = setting_key(temperature, top_p)
             scores = {side: {name: [] for name in SCORES} for side in sides}
-            for seed in seeds:
-                positions = generation.sample_positions(sides["validate"], n, seed)
-                grids = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions,
-                                   top_p)
-                samples = to_uint8(run.decode(grids))
+            for seed in seeds:  # at the validation slices' levels
+                samples, positions = generation.generated_slices(run, sides["validate"], n, seed,
+                                                                 temperature, top_p)
                 for side, real in sides.items():
                     for name, value in generation.generation_scores(samples, positions, real,
                                                                     seed).items():
