@@ -222,7 +222,7 @@ def train_project(root: Path, n_train: int | None, epochs: int, seed: int,
             monitor="none", evaluate=lambda: {"none": 0.0}, checkpoint_extra=dict,
             after_epoch=lambda *_: None)
         engine.fit(stage, Path(scratch), resume=False)
-    epoch_s = [row["seconds"] for row in stage.history]  # the training pass of each epoch
+    epoch_s = [row["train_seconds"] for row in stage.history]
     model.eval()
     ssim = validation_ssim(lambda u8: norm.denormalise(
         model(to_model_input(u8, norm, dev)).reconstruction), val_images)

@@ -110,10 +110,14 @@ def fit(stage: Stage, run: Path, resume: bool) -> None:
         for epoch in range(position["epoch"] + 1, stage.epochs + 1):
             started = time.time()
             sums = _train_epoch(stage, run, epoch, position, received)
+            trained = time.time()
+            validation = stage.evaluate()
+            # train_seconds: this process's share of the epoch (less after a mid-epoch resume)
+            timing = {"train_seconds": trained - started, "val_seconds": time.time() - trained,
+                      "seconds": time.time() - started}
             position = {"epoch": epoch, "step": 0}
             row = {"epoch": epoch, **{f"train_{k}": v / stage.n_samples for k, v in sums.items()},
-                   **stage.evaluate(), "lr": stage.scheduler.get_last_lr()[0],
-                   "seconds": time.time() - started}
+                   **validation, "lr": stage.scheduler.get_last_lr()[0], **timing}
             stage.history.append(row)
             is_best = row[stage.monitor] < best
             best = min(best, row[stage.monitor])

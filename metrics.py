@@ -39,12 +39,25 @@ def ssim_torch(reference: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     window and constants, border left out) as a training loss term. At least fp32: under bf16
     autocast the variances E[x²] − E[x]² would lose almost every significant digit."""
     with torch.autocast(device_type=image.device.type, enabled=False):
-        return _ssim_fp32(at_least_fp32(reference), at_least_fp32(image))
+        return _ssim_map_fp32(at_least_fp32(reference), at_least_fp32(image)).mean()
 
 
-def _ssim_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def ssim_psnr_per_image(reference: torch.Tensor,
+                        image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) SSIM and (B,) PSNR of (B, 1, H, W) pairs in [0, 1], on their own device: the
+    whole-slice metrics of `image_scores` in fp32, so that validation during training need not
+    copy every slice to the CPU. PSNR is inf where a pair is identical."""
+    with torch.no_grad(), torch.autocast(device_type=image.device.type, enabled=False):
+        x, y = at_least_fp32(reference), at_least_fp32(image)
+        ssim_values = _ssim_map_fp32(x, y).mean(dim=(-2, -1))
+        mse = (x - y).square().mean(dim=(1, 2, 3))
+        return ssim_values, 10 * torch.log10(1 / mse)
+
+
+def _ssim_map_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) pairs → (B, H − 10, W − 10) per-pixel SSIM where the window fits."""
     moments = _gaussian_window(torch.cat([x, y, x * x, y * y, x * y], dim=1))  # (B, 5, h, w)
-    return _ssim_map(*moments.unbind(1)).mean()
+    return _ssim_map(*moments.unbind(1))
 
 
 def ssim_of_pairs(a: torch.Tensor, b: torch.Tensor, pairs: torch.Tensor,

@@ -19,7 +19,7 @@ from dataset import Normalisation, compute_normalisation
 from distributed import all_reduce_sum, all_reduce_tensor, data_parallel, is_main, shard, world
 from inference import autocast, encode_images, evaluate_prior, to_model_input
 from io_utils import load_checkpoint, save_checkpoint, write_csv, write_json
-from metrics import batch_scores, codebook_stats, codebook_stats_from_counts, ssim_torch
+from metrics import codebook_stats, codebook_stats_from_counts, ssim_psnr_per_image, ssim_torch
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig, at_least_fp32, bits
 from plots import save_grid, save_loss_curves
 from slices import SliceSet, evenly_spaced, relative_positions
@@ -79,6 +79,13 @@ def make_optimiser(model: torch.nn.Module, stage: StageSettings,
                              fused=cuda, foreach=not cuda)
 
 
+def timing_text(row: dict[str, float], n_samples: int, unit: str) -> str:
+    """An epoch's training time and throughput, and its validation time, for the log."""
+    rate = n_samples / max(row["train_seconds"], 1e-9)
+    return (f"training {row['train_seconds']:.0f}s, {rate:.0f} {unit}/s; "
+            f"validation {row['val_seconds']:.0f}s")
+
+
 def write_history(run: Path, stage: str, history: list[dict[str, float]], keys: list[str],
                   ylabel: str) -> None:
     write_csv(history, run / f"history_{stage}.csv")
@@ -133,12 +140,11 @@ def evaluate_vqvae(model: VQVAE, images: torch.Tensor, norm: Normalisation,
         with autocast(device):
             out = model(x)
         recon = out.reconstruction.float()
-        scores = batch_scores(norm.denormalise(x.cpu()), norm.denormalise(recon.cpu()))
+        ssim, psnr = ssim_psnr_per_image(norm.denormalise(x), norm.denormalise(recon))
         parts = {"recon": F.mse_loss(recon, x).item() * len(batch),
                  "codebook": out.codebook_loss.item() * len(batch),
                  "commitment": out.commitment_loss.item() * len(batch),
-                 "ssim": sum(row["ssim"] for row in scores),
-                 "psnr": sum(row["psnr"] for row in scores)}
+                 "ssim": ssim.sum().item(), "psnr": psnr.sum().item()}
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value
         counts += torch.bincount(out.indices.flatten().cpu(), minlength=model.cfg.n_codes)
@@ -184,6 +190,7 @@ def train_vqvae(cfg: VQVAEConfig, settings: StageSettings, splits: dict[str, Sli
     norm = compute_normalisation(train_images)
     model = VQVAE(cfg).to(device).to(memory_format=torch.channels_last)
     grid_images = val_images[evenly_spaced(len(val_images), N_GRID_IMAGES)]
+    n_crops = len(train_images) * settings.crops_per_image
 
     def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
         save_reconstruction_grid(model, grid_images, norm, device,
@@ -193,7 +200,8 @@ def train_vqvae(cfg: VQVAEConfig, settings: StageSettings, splits: dict[str, Sli
         print(f"vqvae epoch {epoch}: recon {row['train_recon']:.4f}/{row['val_recon']:.4f} "
               f"val SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
               f"codes used {row['codebook_usage']:.1%} perplexity "
-              f"{row['codebook_perplexity']:.1f} ({row['seconds']:.0f}s)", flush=True)
+              f"{row['codebook_perplexity']:.1f} ({timing_text(row, n_crops, 'crops')})",
+              flush=True)
 
     stage = vqvae_stage(
         model, settings, train_images, norm, options, device, monitor="val_recon",
@@ -261,7 +269,8 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
         write_history(run, "prior", history, ["train_bits_per_index", "val_bits_per_index"],
                       "bits per index")
         print(f"prior epoch {epoch}: bits/index {row['train_bits_per_index']:.3f}/"
-              f"{row['val_bits_per_index']:.3f} ({row['seconds']:.0f}s)", flush=True)
+              f"{row['val_bits_per_index']:.3f} ({timing_text(row, len(train_grids), 'grids')})",
+              flush=True)
 
     stage = make_stage(
         "prior", model, settings, len(train_grids), options, device, step=step,

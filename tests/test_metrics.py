@@ -13,6 +13,7 @@ from metrics import (
     mean_scores,
     ssim,
     ssim_of_pairs,
+    ssim_psnr_per_image,
     ssim_torch,
 )
 
@@ -141,3 +142,16 @@ def test_differentiable_ssim_keeps_fp32_under_autocast():
         got = ssim_torch(ref, img)
     assert got.dtype == torch.float32
     assert math.isclose(got.item(), expected.item(), rel_tol=1e-6)
+
+
+def test_per_image_ssim_and_psnr_match_scikit_image():
+    # What validation during training reports, computed on the model's device in fp32.
+    pairs = [_pair(seed) for seed in range(3)]
+    ref = torch.tensor(np.stack([r for r, _ in pairs]), dtype=torch.float32)[:, None]
+    img = torch.tensor(np.stack([i for _, i in pairs]), dtype=torch.float32)[:, None]
+    ssim_values, psnr_values = ssim_psnr_per_image(ref, img)
+    expected = [image_scores(r, i) for r, i in pairs]
+    assert np.allclose(ssim_values.numpy(), [row["ssim"] for row in expected], rtol=1e-5)
+    assert np.allclose(psnr_values.numpy(), [row["psnr"] for row in expected], rtol=1e-5)
+    same_ssim, same_psnr = ssim_psnr_per_image(ref, ref)
+    assert np.allclose(same_ssim.numpy(), 1.0, rtol=1e-6) and torch.isinf(same_psnr).all()
