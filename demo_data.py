@@ -3,6 +3,7 @@ ships inside nilearn (random deformation, contrast, bias field and noise), saved
 root; and, for the noise ceiling, the demo test slices with and without their noise.
 
     python demo_data.py [ROOT] [--force]   # summarise ROOT, or build and summarise the demo set
+    python demo_data.py --oasis-size [ROOT]  # a demo set of OASIS's size (data/demo_oasis_full)
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ DEMO_TRAIN_SUBJECTS = 40
 DEMO_VALIDATE_SUBJECTS = 5
 DEMO_TEST_SUBJECTS = 5
 DEMO_SLICES_PER_SUBJECT = 32
+# `--oasis-size`: subjects per split that give, at 32 slices each, the course's OASIS split sizes
+# (9,664 / 1,120 / 544 slices), to time a full-size run without OASIS.
+OASIS_SIZED_SUBJECTS = {"train": 302, "validate": 35, "test": 17}
 DEMO_SLICE_RANGE = (0.3, 0.85)  # part of the brain's axial extent sliced, bottom to top
 DEMO_VERSION = 1  # bump when the generator changes, so old demo sets are rebuilt
 DEMO_MARKER = ".complete"
@@ -55,7 +59,10 @@ def demo_root() -> Path:
 
 
 def template_dir() -> Path:
-    """Folder inside the installed nilearn package that holds the MNI152 2009a template."""
+    """Folder that holds the MNI152 2009a template: $DEMO_TEMPLATES where set (a machine without
+    nilearn, e.g. the three files copied beside the project), else inside the nilearn package."""
+    if os.environ.get("DEMO_TEMPLATES"):
+        return Path(os.environ["DEMO_TEMPLATES"])
     import nilearn  # only the demo needs it
 
     return Path(nilearn.__file__).parent / "datasets" / "data"
@@ -72,7 +79,8 @@ def load_template() -> torch.Tensor:
         if not path.is_file():
             raise DatasetError(
                 f"{path} is missing. The demo set is made from the MNI152 template that "
-                "ships inside nilearn: pip install nilearn."
+                "ships inside nilearn: pip install nilearn (or set DEMO_TEMPLATES to a folder "
+                "holding its three files)."
             )
         volume = nibabel.as_closest_canonical(nibabel.load(path)).get_fdata(dtype=np.float32)
         volumes.append(volume / volume.max())
@@ -341,7 +349,7 @@ def rotation_matrix(about_x: float, about_y: float, about_z: float) -> np.ndarra
 # ---------------------------------------------------------------- command line
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Summarise a data root; without one, build and summarise the demo set."
     )
@@ -351,11 +359,22 @@ def main() -> None:
     parser.add_argument(
         "--force", action="store_true", help="rebuild the demo set even if it is complete"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--oasis-size",
+        action="store_true",
+        help="build a demo set of OASIS's split sizes (9,664/1,120/544 slices) at ROOT "
+        "(default data/demo_oasis_full), for timing full-size runs",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        splits = load_splits(args.root or build_demo_dataset(force=args.force))
+        if args.oasis_size:
+            root = args.root or demo_root().with_name("demo_oasis_full")
+            root = build_demo_dataset(root, *OASIS_SIZED_SUBJECTS.values(), force=args.force)
+        else:
+            root = args.root or build_demo_dataset(force=args.force)
+        splits = load_splits(root)
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     for split, slices in splits.items():

@@ -118,3 +118,32 @@ def test_noise_ceiling_script_writes_its_scores(tmp_path, monkeypatch):
     scores = json.loads((tmp_path / "c.json").read_text())
     assert scores["n_test_images"] == 2
     assert 0.5 < scores["test_ssim_brain"] < scores["test_ssim"] < 1
+
+
+def test_oasis_sized_demo_has_the_course_split_sizes():
+    slices = {split: n * demo_data.DEMO_SLICES_PER_SUBJECT
+              for split, n in demo_data.OASIS_SIZED_SUBJECTS.items()}
+    assert slices == {"train": 9664, "validate": 1120, "test": 544}
+
+
+def test_oasis_size_flag_builds_at_the_root_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_data, "OASIS_SIZED_SUBJECTS", {"train": 2, "validate": 1, "test": 1})
+    demo_data.main(["--oasis-size", str(tmp_path / "full")])
+    assert {split: len(s) for split, s in load_splits(tmp_path / "full").items()} == {
+        "train": 64, "validate": 32, "test": 32}
+    assert "train: 64 slices from 2 cases" in capsys.readouterr().out
+
+
+def test_templates_can_come_from_a_folder_instead_of_nilearn(tmp_path, monkeypatch):
+    # A machine without nilearn (the GPU machine) reads the three files from $DEMO_TEMPLATES.
+    for name in demo_data.TEMPLATE_FILES.values():
+        (tmp_path / name).symlink_to(demo_data.template_dir() / name)
+    monkeypatch.setenv("DEMO_TEMPLATES", str(tmp_path))
+    assert demo_data.template_dir() == tmp_path
+    (tmp_path / demo_data.TEMPLATE_FILES["wm"]).unlink()
+    demo_data.load_template.cache_clear()
+    try:
+        with pytest.raises(DatasetError, match="DEMO_TEMPLATES"):
+            demo_data.load_template()
+    finally:
+        demo_data.load_template.cache_clear()
