@@ -25,6 +25,7 @@ from plots import save_grid, save_loss_curves
 from slices import SliceSet, evenly_spaced, relative_positions
 
 N_GRID_IMAGES = 6  # validation images shown in the per-epoch reconstruction grid
+COMPILE_BACKEND = "inductor"  # torch.compile's; the tests trace with "aot_eager" (no C++ build)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends)
+    compile: bool = False  # torch.compile the model for training (`compile_for_training`)
 
 
 def seed_everything(seed: int) -> None:
@@ -94,9 +96,19 @@ def write_history(run: Path, stage: str, history: list[dict[str, float]], keys: 
                      ylabel=ylabel, log_y=stage == "vqvae")
 
 
+def compile_for_training(model: torch.nn.Module) -> None:
+    """torch.compile in place, so that the state dict keeps its keys: the prior whole, the
+    VQ-VAE's encoder and decoder (their convolutions, norms and activations fuse) but not its
+    quantiser, whose EMA and dead-code updates would break the graph every step."""
+    for part in (model.encoder, model.decoder) if isinstance(model, VQVAE) else (model,):
+        part.compile(backend=COMPILE_BACKEND)
+
+
 def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_samples: int,
                options: RunOptions, device: torch.device, **parts: Any) -> engine.Stage:
     """An `engine.Stage` with AdamW and a warm-up + cosine schedule over all its steps."""
+    if options.compile:
+        compile_for_training(model)
     optimiser = make_optimiser(model, settings, device)
     steps = settings.epochs * math.ceil(n_samples / settings.batch_size)
     return engine.Stage(

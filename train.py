@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps inside an epoch (0: at epoch ends)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run's stage")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models for training (minutes of compiling first; "
+                        "meant for long GPU runs, slower on a CPU)")
     args = p.parse_args(argv)
     if not (math.isfinite(args.spacing) and args.spacing >= 0):
         p.error("--spacing must be 0 (keep each volume's grid) or a voxel size in mm")
@@ -81,7 +84,8 @@ def run_training(args: argparse.Namespace) -> Path:
     profile = resolve_profile(args)
     options = stages.RunOptions(run=Path(args.out), seed=args.seed, resume=args.resume,
                                 overwrite=args.overwrite,
-                                checkpoint_every=args.checkpoint_every)
+                                checkpoint_every=args.checkpoint_every,
+                                compile=args.compile)
     options.run.mkdir(parents=True, exist_ok=True)
     splits = dataset.load_splits(data_root, spacing=args.spacing)
     data = {"data_root": str(data_root), "spacing": args.spacing}
@@ -89,7 +93,8 @@ def run_training(args: argparse.Namespace) -> Path:
         print(f"data {data_root}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
               + f" | device {device} | processes {world()[1]}")
         config.write_run_config(options.run / CONFIG_FILE, args.profile, profile,
-                                {**data, "seed": args.seed, "device": str(device)})
+                                {**data, "seed": args.seed, "device": str(device),
+                                 "compile": args.compile})
     if args.stage in ("vqvae", "both"):
         stages.train_vqvae(profile.vqvae, profile.vqvae_stage, splits, options, device, data)
     indices = stages.encode_splits(options.run, splits, device)
