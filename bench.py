@@ -35,6 +35,7 @@ import dataset
 from config import PROFILES
 from distributed import choose_device
 from inference import draw
+from io_utils import write_json
 from modules import VQVAE, PixelCNN, PriorConfig
 from slices import IMAGE_SIZE
 
@@ -338,6 +339,9 @@ def render_markdown(results: dict) -> str:
              "at the start."]
     if "wall_s" in results:
         lines[-1] += f" Wall time {results['wall_s']:.0f} s."
+    if results.get("partial"):
+        lines[-1] += " **Partial: the run stopped before its end; what follows is what it had."
+        lines[-1] += "**"
     if "sampling" in results:
         lines += ["", *_sampling_table(results["sampling"])]
     if "training" in results:
@@ -436,23 +440,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "sampling"):
         cfg = PROFILES[args.profile].prior
         rows = []
-        for batch in args.batches:
-            rows.append(bench_sampling(cfg, batch, args.seed, args.quick))
-            print(_progress(rows[-1]), flush=True)
         results["sampling"] = {"prior": asdict(cfg), "random_init": True,
                                "naive_extrapolated": args.quick, "idle_rss_mb": idle_rss,
                                "note": sampling_note(args.quick, cfg, idle_rss, args.profile),
                                "rows": rows}
+        for batch in args.batches:
+            rows.append(bench_sampling(cfg, batch, args.seed, args.quick))
+            print(_progress(rows[-1]), flush=True)
+            write_partial(results, Path(args.out))
     if args.part in ("all", "training"):
         root = build_demo_dataset(demo_root())
         epochs = args.epochs or (1 if args.quick else 2)
         results["training"] = bench_training(root, args.quick, epochs, args.seed, args.profile)
     results["targets"] = {**TARGETS, "met": targets_met(results)}
     results["wall_s"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, Path(args.out))
     print(render_markdown(results), end="")
     print(f"targets met: {results['targets']['met']}; wrote {args.out}")
     return 0
+
+
+def write_partial(results: dict, path: Path) -> None:
+    """The results so far, marked partial: a run stopped by a time limit still leaves them."""
+    write_json({**results, "partial": True}, path)
 
 
 def _progress(row: dict) -> str:

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 import bench
@@ -66,7 +67,31 @@ def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path):
     assert results["sampling"]["prior"]["channels"] == tiny.channels
     assert "the tiny prior" in results["sampling"]["note"]
     assert [row["batch"] for row in results["sampling"]["rows"]] == [1]
+    assert "partial" not in results  # a finished run's file is whole
     assert "--profile tiny" in render_markdown(results)
+
+
+def test_a_bench_stopped_midway_leaves_its_rows_so_far(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    real = bench.bench_sampling
+
+    def stopped_at_batch_2(cfg, batch, *args):
+        if batch == 2:
+            raise KeyboardInterrupt  # what a time limit's signal amounts to
+        return real(cfg, batch, *args)
+
+    monkeypatch.setattr(bench, "bench_sampling", stopped_at_batch_2)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
+                        "1", "2", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())
+    assert results["partial"] is True
+    assert [row["batch"] for row in results["sampling"]["rows"]] == [1]
+    assert "Partial" in render_markdown(results)
 
 
 def test_whole_slice_training_covers_every_pixel():
