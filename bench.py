@@ -340,8 +340,7 @@ def render_markdown(results: dict) -> str:
     if "wall_s" in results:
         lines[-1] += f" Wall time {results['wall_s']:.0f} s."
     if results.get("partial"):
-        lines[-1] += " **Partial: the run stopped before its end; what follows is what it had."
-        lines[-1] += "**"
+        lines[-1] += " **Partial: the run stopped before its end; what follows is what it had.**"
     if "sampling" in results:
         lines += ["", *_sampling_table(results["sampling"])]
     if "training" in results:
