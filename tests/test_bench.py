@@ -53,14 +53,19 @@ def test_markdown_renders_a_small_result_as_tables():
     assert "VQ-VAE training" not in render_markdown(results)
 
 
-def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path):
-    out = tmp_path / "bench.json"
+@pytest.fixture
+def restores_threads():
+    """bench.main sets this process's threads; later in-process training compares bitwise with
+    subprocesses at the default count, so the count is put back after each bench test."""
     threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
-                           "1", "--out", str(out)]) == 0
-    finally:  # bench.main sets this process's threads; later in-process training compares
-        torch.set_num_threads(threads)  # bitwise with subprocesses at the default count
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path, restores_threads):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
+                       "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     tiny = PROFILES["tiny"].prior
     assert results["profile"] == "tiny"
@@ -71,23 +76,19 @@ def test_sampling_bench_measures_the_chosen_profiles_prior(tmp_path):
     assert "--profile tiny" in render_markdown(results)
 
 
-def test_a_bench_stopped_midway_leaves_its_rows_so_far(tmp_path, monkeypatch):
+def test_a_bench_stopped_midway_leaves_its_rows_so_far(tmp_path, monkeypatch, restores_threads):
     out = tmp_path / "bench.json"
     real = bench.bench_sampling
 
     def stopped_at_batch_2(cfg, batch, *args):
         if batch == 2:
-            raise KeyboardInterrupt  # what a time limit's signal amounts to
+            raise KeyboardInterrupt  # any stop mid-run: the file must already hold batch 1
         return real(cfg, batch, *args)
 
     monkeypatch.setattr(bench, "bench_sampling", stopped_at_batch_2)
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
-                        "1", "2", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--part", "sampling", "--profile", "tiny", "--batches",
+                    "1", "2", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["partial"] is True
     assert [row["batch"] for row in results["sampling"]["rows"]] == [1]
