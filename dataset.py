@@ -43,8 +43,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from slices import IMAGE_SIZE, SPLITS, DatasetError, SliceSet, centre_fit, natural_key
-from volumes import (
+from brainvq.data.slices import IMAGE_SIZE, SPLITS, DatasetError, SliceSet, centre_fit, natural_key
+from brainvq.data.volumes import (
     VOLUME_SPACING_MM,
     find_volumes,
     iter_volume_files,

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed import all_reduce_tensor, broadcast, gather_rows
+from brainvq.distributed import all_reduce_tensor, broadcast, gather_rows
+from brainvq.positions import unknown_positions
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +455,7 @@ class PixelCNN(nn.Module):
             return None
         table, bins = self.slice_embedding.weight, self.cfg.slice_bins
         if positions is None:
-            positions = table.new_full((batch,), float("nan"))
+            positions = unknown_positions(batch, like=table)
         positions = positions.to(table)
         scaled = positions.nan_to_num(0.0).clamp(0, 1) * (bins - 1)
         low = scaled.floor().long().clamp(max=bins - 2)

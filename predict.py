@@ -1,9 +1,11 @@
 """Use a trained run: reconstruct test slices, generate new brains with the PixelCNN prior,
 inpaint masked regions, and (with --evaluate) write metrics.json.
 
-    python predict.py                      # figures for runs/demo
+    python predict.py                        # figures for runs/demo
+    python predict.py --evaluate             # and metrics.json, with a summary printed
     python predict.py --run runs/oasis --evaluate --mask my_mask.png
-    python predict.py --surprise           # the prior's surprise at a synthetic lesion
+    python predict.py --slice-position 0.5 --n-samples 16    # brains at mid level
+    python predict.py --surprise             # the prior's surprise at a synthetic lesion
     python predict.py --reconstruct-dir recon/   # every test reconstruction as 8-bit PNG
 """
 from __future__ import annotations
@@ -20,14 +22,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-import anomaly
-import config
 import dataset
-import evaluation
-import generation
-from checkpoints import CONFIG_FILE, load_indices
-from distributed import DEVICES, choose_device
-from figures import (
+from brainvq import config
+from brainvq.checkpoints import CONFIG_FILE, load_indices
+from brainvq.cli import script_parser
+from brainvq.data.slices import DatasetError, SliceSet, evenly_spaced, relative_positions
+from brainvq.distributed import DEVICES, choose_device
+from brainvq.evaluation import anomaly, generation, run_metrics
+from brainvq.figures.run_figures import (
     figure_generated,
     figure_generated_stack,
     figure_healing,
@@ -38,13 +40,12 @@ from figures import (
     figure_surprise,
     write_reconstructions,
 )
-from inference import Run
-from io_utils import RunError, write_json
-from masks import INPAINT_MASKS, bottom_half_mask, load_mask
-from slices import DatasetError, SliceSet, evenly_spaced, relative_positions
+from brainvq.inference.masks import INPAINT_MASKS, bottom_half_mask, load_mask
+from brainvq.inference.trained_run import Run
+from brainvq.io_utils import RunError, write_json
 
 # ---- Edit this, or override it with --run ------------------------------------------------------
-RUN_DIR = "runs/demo"
+RUN_DIR = config.DEFAULT_RUN  # e.g. "runs/oasis"
 # What predict.py does by default (samples, temperature, seeds, ...) is config.PredictSettings.
 # -----------------------------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ RUN_DIR = "runs/demo"
 def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indices: torch.Tensor,
              reconstructions: np.ndarray, args: argparse.Namespace, out: Path) -> dict:
     """metrics.json's contents, and the figures that go with them."""
-    metrics = _timed("reconstructions", evaluation.reconstruction_metrics, run, test, indices,
+    metrics = _timed("reconstructions", run_metrics.reconstruction_metrics, run, test, indices,
                      reconstructions)
     if "per_slice_position" in metrics:
         figure_scores_by_slice(metrics["per_slice_position"], out / "ssim_by_slice.png")
@@ -60,7 +61,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
                        test, reconstructions, args.seed)
     samples, positions = generation.generated_slices(run, reference, args.n_eval_samples,
                                                      args.seed, args.temperature, args.top_p)
-    metrics.update(_timed("samples", evaluation.sample_metrics, run, samples, reconstructions))
+    metrics.update(_timed("samples", run_metrics.sample_metrics, run, samples, reconstructions))
     metrics.update(_timed("generation scores", generation.generation_scores, samples,
                           positions, reference, args.seed))
     metrics.update(_timed("sanity scores", generation.sanity_scores, run, reference,
@@ -68,7 +69,7 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
                           args.seed))
     chosen = evenly_spaced(len(test), args.n_inpaint)
     inpainting, completions = _timed(
-        "inpainting", evaluation.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,
+        "inpainting", run_metrics.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,
         args.seed, args.settings.inpaint, relative_positions(test.names)[chosen])
     metrics.update(inpainting)
     figure_inpainting_methods(completions["centre_square"], args.n_show,
@@ -106,18 +107,9 @@ def _timed(what: str, function: Callable[..., T], *args: Any) -> T:
     return result
 
 
-def _print_metrics(metrics: dict) -> None:
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            print(f"{key:>40}: {value:.4f}")
-        elif not isinstance(value, dict):
-            print(f"{key:>40}: {value}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = config.PredictSettings()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--run", default=RUN_DIR, help="run folder written by train.py")
     p.add_argument("--data", help="dataset root (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -239,7 +231,9 @@ def run_predict(args: argparse.Namespace) -> Path:
     print(f"figures in {out}")
     if args.evaluate:
         write_json(metrics, run.path / "metrics.json")
-    _print_metrics(metrics)
+    if metrics:
+        written = run.path / ("metrics.json" if args.evaluate else "surprise.json")
+        print("\n".join(run_metrics.summary(metrics, written)))
     return run.path
 
 

@@ -1,8 +1,13 @@
 """Train the VQ-VAE (stage 1), encode every split to code indices once, then train the gated
-PixelCNN prior on those indices (stage 2).
+PixelCNN prior on those indices (stage 2). Settings come from a preset (brainvq/config.py) that
+the flags below override; the run folder keeps them in config.json and in every checkpoint.
 
-    python train.py                                   # demo: embedded MNI152-derived slices
+    python train.py                          # demo: the embedded MNI152-derived slices
     python train.py --data /path/to/OASIS --out runs/oasis --profile full
+    python train.py --data /path/to/volumes --spacing 1.0 --out runs/volumes
+    python train.py --out runs/oasis --resume          # continue an interrupted run
+    python train.py --out runs/oasis --stage prior --overwrite --prior-epochs 20
+    torchrun --nproc_per_node=4 train.py --data /path/to/OASIS --profile full
 """
 from __future__ import annotations
 
@@ -11,27 +16,26 @@ import math
 import sys
 from pathlib import Path
 
-import config
 import dataset
-import engine
-import stages
-from checkpoints import CONFIG_FILE
-from demo_data import build_demo_dataset, demo_root
-from distributed import DEVICES, init_distributed, is_main, leave_distributed, world
-from io_utils import RunError
-from slices import DatasetError
-from volumes import VOLUME_SPACING_MM
+from brainvq import config
+from brainvq.checkpoints import CONFIG_FILE
+from brainvq.cli import script_parser
+from brainvq.data.demo import build_demo_dataset, demo_root
+from brainvq.data.slices import DatasetError
+from brainvq.data.volumes import VOLUME_SPACING_MM
+from brainvq.distributed import DEVICES, init_distributed, is_main, leave_distributed, world
+from brainvq.io_utils import RunError
+from brainvq.training import engine, stages
 
 # ---- Edit these, or override them with --data and --out ---------------------------------------
 DATA_ROOT: str | None = None  # None: the embedded demo set (real MNI152 MRI), built on first use
-OUT_DIR = "runs/demo"
+OUT_DIR = config.DEFAULT_RUN  # e.g. "runs/oasis"
 # Every other setting comes from a preset in config.py (--profile) and the flags below.
 # -----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--data", default=DATA_ROOT, help="dataset root (default: embedded demo set)")
     p.add_argument("--out", default=OUT_DIR, help="run folder for checkpoints, logs, figures")
     p.add_argument("--profile", choices=sorted(config.PROFILES), default=config.DEFAULT_PROFILE,

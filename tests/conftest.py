@@ -2,7 +2,7 @@
 order (kernels, devices): .ci/run runs those under each CPU kernel set the machine offers."""
 import pytest
 
-from demo_data import build_demo_dataset
+from brainvq.data.demo import build_demo_dataset
 
 # Modules that only check files, messages and exit codes, or arithmetic on plain Python numbers.
 NOT_NUMERIC = {"test_bad_checkpoints.py", "test_bad_data_cli.py", "test_bench.py"}

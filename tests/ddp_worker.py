@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import StageSettings  # noqa: E402
-from dataset import Normalisation  # noqa: E402
-from distributed import (  # noqa: E402
+from brainvq.config import StageSettings  # noqa: E402
+from brainvq.distributed import (  # noqa: E402
     data_parallel,
     init_distributed,
     is_main,
@@ -35,9 +34,10 @@ from distributed import (  # noqa: E402
     shard,
     world,
 )
-from inference import to_model_input  # noqa: E402
+from brainvq.inference.trained_run import to_model_input  # noqa: E402
+from brainvq.training.stages import prior_loss, vqvae_losses  # noqa: E402
+from dataset import Normalisation  # noqa: E402
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig  # noqa: E402
-from stages import prior_loss, vqvae_losses  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3

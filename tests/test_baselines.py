@@ -1,7 +1,7 @@
 import torch
 
-from baselines import SeedStylePixelCNN
-from sampling import sample
+from brainvq.evaluation.baselines import SeedStylePixelCNN
+from brainvq.inference.sampling import sample
 
 
 def test_seed_style_prior_is_causal_and_feeds_indices_as_a_scalar():

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-import bench
-from baselines import SeedStyleVQVAE
-from bench import extrapolate_naive, render_markdown
-from config import PROFILES
+from brainvq.config import PROFILES
+from brainvq.evaluation.baselines import SeedStyleVQVAE
+from tools import bench
+from tools.bench import extrapolate_naive, render_markdown
 
 
 def test_seed_style_baseline_trains_on_a_tiny_batch():

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-import checkpoints
-import stages
 import train
+from brainvq import checkpoints
+from brainvq.training import stages
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tiny_data_root, tmp_path,

@@ -4,10 +4,10 @@ import json
 
 import torch
 
-import context_probe
-from masks import random_rectangles
+from brainvq.inference.masks import random_rectangles
 from modules import PixelCNN, PriorConfig, bits
 from priors import random_prior
+from tools import context_probe
 
 
 def _holed(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

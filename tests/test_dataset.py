@@ -3,14 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import (
-    Normalisation,
-    compute_normalisation,
-    find_split_dirs,
-    load_split,
-    load_splits,
-)
-from slices import (
+from brainvq.data.slices import (
     IMAGE_SIZE,
     DatasetError,
     case_id,
@@ -18,6 +11,13 @@ from slices import (
     evenly_spaced,
     relative_positions,
     slice_index,
+)
+from dataset import (
+    Normalisation,
+    compute_normalisation,
+    find_split_dirs,
+    load_split,
+    load_splits,
 )
 
 OASIS_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")

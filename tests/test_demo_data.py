@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import demo_data
+from brainvq.data import demo
+from brainvq.data.demo import build_demo_dataset, demo_subject_with_clean, load_template
+from brainvq.data.slices import IMAGE_SIZE, DatasetError, case_id
 from dataset import OASIS_SPLIT_DIRS, load_splits
-from demo_data import build_demo_dataset, demo_subject_with_clean, load_template
-from slices import IMAGE_SIZE, DatasetError, case_id
 
 
 def make_real_root(root):
@@ -84,10 +84,10 @@ def test_demo_is_deterministic_and_depends_on_seed(tiny_demo, tmp_path):
 def test_demo_built_in_several_processes_is_the_same_set(tmp_path, monkeypatch):
     # Split between two processes (one spawned: this takes a few seconds) or built in one.
     settings = {"n_train": 14, "n_validate": 1, "n_test": 1, "slices_per_subject": 1}
-    monkeypatch.setattr(demo_data.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
     alone = load_splits(build_demo_dataset(tmp_path / "alone", **settings))
-    monkeypatch.setattr(demo_data.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(demo_data, "SUBJECTS_PER_PROCESS", 8)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "SUBJECTS_PER_PROCESS", 8)
     shared = load_splits(build_demo_dataset(tmp_path / "shared", **settings))
     for split in ("train", "validate", "test"):
         assert shared[split].names == alone[split].names
@@ -110,10 +110,10 @@ def test_noise_free_demo_slices_match_the_noisy_ones_but_for_the_noise():
 
 
 def test_noise_ceiling_script_writes_its_scores(tmp_path, monkeypatch):
-    import noise_ceiling
+    from tools import noise_ceiling
 
-    monkeypatch.setattr(demo_data, "DEMO_TEST_SUBJECTS", 1)
-    monkeypatch.setattr(demo_data, "DEMO_SLICES_PER_SUBJECT", 2)
+    monkeypatch.setattr(demo, "DEMO_TEST_SUBJECTS", 1)
+    monkeypatch.setattr(demo, "DEMO_SLICES_PER_SUBJECT", 2)
     assert noise_ceiling.main(["--out", str(tmp_path / "c.json")]) == 0
     scores = json.loads((tmp_path / "c.json").read_text())
     assert scores["n_test_images"] == 2
@@ -121,12 +121,14 @@ def test_noise_ceiling_script_writes_its_scores(tmp_path, monkeypatch):
 
 
 def test_oasis_sized_demo_has_the_course_split_sizes():
-    slices = {split: n * demo_data.DEMO_SLICES_PER_SUBJECT
-              for split, n in demo_data.OASIS_SIZED_SUBJECTS.items()}
+    slices = {split: n * demo.DEMO_SLICES_PER_SUBJECT
+              for split, n in demo.OASIS_SIZED_SUBJECTS.items()}
     assert slices == {"train": 9664, "validate": 1120, "test": 544}
 
 
 def test_oasis_size_flag_builds_at_the_root_given(tmp_path, monkeypatch, capsys):
+    from tools import demo_data
+
     monkeypatch.setattr(demo_data, "OASIS_SIZED_SUBJECTS", {"train": 2, "validate": 1, "test": 1})
     demo_data.main(["--oasis-size", str(tmp_path / "full")])
     assert {split: len(s) for split, s in load_splits(tmp_path / "full").items()} == {
@@ -136,14 +138,14 @@ def test_oasis_size_flag_builds_at_the_root_given(tmp_path, monkeypatch, capsys)
 
 def test_templates_can_come_from_a_folder_instead_of_nilearn(tmp_path, monkeypatch):
     # A machine without nilearn (the GPU machine) reads the three files from $DEMO_TEMPLATES.
-    for name in demo_data.TEMPLATE_FILES.values():
-        (tmp_path / name).symlink_to(demo_data.template_dir() / name)
+    for name in demo.TEMPLATE_FILES.values():
+        (tmp_path / name).symlink_to(demo.template_dir() / name)
     monkeypatch.setenv("DEMO_TEMPLATES", str(tmp_path))
-    assert demo_data.template_dir() == tmp_path
-    (tmp_path / demo_data.TEMPLATE_FILES["wm"]).unlink()
-    demo_data.load_template.cache_clear()
+    assert demo.template_dir() == tmp_path
+    (tmp_path / demo.TEMPLATE_FILES["wm"]).unlink()
+    demo.load_template.cache_clear()
     try:
         with pytest.raises(DatasetError, match="DEMO_TEMPLATES"):
-            demo_data.load_template()
+            demo.load_template()
     finally:
-        demo_data.load_template.cache_clear()
+        demo.load_template.cache_clear()

@@ -7,15 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import choose_temperature
-import compare_priors
-import config
-import inference
 import predict
-import texture_test
 import train
-from demo_data import build_demo_dataset
+from brainvq import checkpoints, config
+from brainvq.data.demo import build_demo_dataset
+from brainvq.inference import trained_run as inference
+from tools import choose_temperature, compare_priors, texture_test
 
 EXPECTED_METRICS = {"test_ssim", "test_psnr", "test_mse", "test_ssim_brain", "test_psnr_brain",
                     "codebook_usage", "codebook_perplexity", "prior_test_bits_per_index",

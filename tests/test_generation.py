@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import generation
-import sample_scores
+from brainvq.evaluation import generation, sample_scores
 
 
 class GridRun:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from graph_sampler import (
+from brainvq.inference.cuda_graph import (
     _GRAPHS,
     _StaticSampler,
     clear_graph_cache,
@@ -11,8 +11,8 @@ from graph_sampler import (
     sample_with_cuda_graph,
     sample_with_static_step,
 )
+from brainvq.inference.sampling import inverse_cdf, sample, sites_to_fill
 from modules import PixelCNN, PriorConfig
-from sampling import inverse_cdf, sample, sites_to_fill
 
 TINY = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1))
 # Wider taps, a dilated first layer (its taps then live in several slot phases), no positions.

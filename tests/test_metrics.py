@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from metrics import (
+from brainvq.evaluation.metrics import (
     batch_scores,
     brain_mask,
     codebook_stats,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from brainvq.inference.sampling import inverse_cdf, nucleus, sample, sample_cached
 from modules import (
     VQVAE,
     PixelCNN,
@@ -10,7 +11,6 @@ from modules import (
     principal_components,
 )
 from priors import random_prior
-from sampling import inverse_cdf, nucleus, sample, sample_cached
 
 SMALL_VQ = VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32)
 

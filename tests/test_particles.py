@@ -1,9 +1,9 @@
 """The particle (sequential Monte Carlo) inpainting sampler and the cache reordering it needs."""
 import torch
 
+from brainvq.inference.sampling import _SamplingCache, sample, sample_particles
 from modules import PixelCNN, PriorConfig, bits
 from priors import random_prior
-from sampling import _SamplingCache, sample, sample_particles
 
 
 def _square_holes(n: int) -> torch.Tensor:

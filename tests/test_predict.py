@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import anomaly
-import evaluation
-import inference
-import masks
-from io_utils import RunError
+from brainvq.data.slices import evenly_spaced
+from brainvq.evaluation import anomaly, run_metrics
+from brainvq.inference import masks
+from brainvq.inference import trained_run as inference
+from brainvq.inference.sampling import sample, sample_particles
+from brainvq.io_utils import RunError
 from priors import random_prior
-from sampling import sample, sample_particles
-from slices import evenly_spaced
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RUN = REPO / "runs" / "demo"
@@ -241,11 +240,11 @@ def test_per_slice_position_groups_names_by_slice_index():
     names = ["case_001_slice_2.nii.png", "case_002_slice_2.nii.png",
              "case_001_slice_10.nii.png", "other.png"]
     rows = [{"ssim": s, "psnr": 10.0 * s} for s in (0.2, 0.4, 0.9, 0.0)]
-    by_slice = evaluation.per_slice_position(names, rows)
+    by_slice = run_metrics.per_slice_position(names, rows)
     assert list(by_slice) == ["2", "10"]
     assert math.isclose(by_slice["2"]["ssim"], 0.3) and by_slice["2"]["n_images"] == 2
     assert by_slice["10"] == {"ssim": 0.9, "psnr": 9.0, "n_images": 1}
-    assert evaluation.per_slice_position(["a.png"], rows[:1]) == {}
+    assert run_metrics.per_slice_position(["a.png"], rows[:1]) == {}
 
 
 def test_nearest_neighbour_finds_the_copy_and_diversity_of_copies_is_zero():
@@ -254,10 +253,10 @@ def test_nearest_neighbour_finds_the_copy_and_diversity_of_copies_is_zero():
     references = np.clip(references + rng.integers(0, 30, references.shape), 0, 255).astype(
         np.uint8)
     queries = references[[3, 11]]
-    best, index = evaluation.nearest_neighbour_ssim(queries, references, n_candidates=4)
+    best, index = run_metrics.nearest_neighbour_ssim(queries, references, n_candidates=4)
     assert index.tolist() == [3, 11] and np.allclose(best, 1.0)
-    assert math.isclose(evaluation.mean_pairwise_ssim(np.stack([queries[0]] * 3)), 1.0)
-    assert evaluation.mean_pairwise_ssim(queries) < 1
+    assert math.isclose(run_metrics.mean_pairwise_ssim(np.stack([queries[0]] * 3)), 1.0)
+    assert run_metrics.mean_pairwise_ssim(queries) < 1
 
 
 @pytest.mark.skipif(not (DEMO_RUN / "prior_best.pt").is_file(), reason="no trained demo run")
@@ -304,7 +303,7 @@ def test_brain_codebook_stats_count_only_the_sites_that_are_mostly_brain():
     images[0, :, :32] = 0.5  # left half of the first slice is brain; the second is all black
     indices = torch.full((2, 8, 8), 7, dtype=torch.long)  # background code
     indices[0, :, :4] = torch.arange(32).view(8, 4) % 4  # four codes, equally often
-    stats = evaluation.brain_codebook_stats(images, indices, n_codes=16)
+    stats = run_metrics.brain_codebook_stats(images, indices, n_codes=16)
     assert stats["codes_used_brain"] == 4
     assert math.isclose(stats["codebook_perplexity_brain"], 4.0, rel_tol=1e-9)
 
@@ -325,3 +324,49 @@ def test_dice_and_the_level_that_maximises_it():
     assert anomaly.dice(labels, labels) == 1.0 and anomaly.dice(~labels, labels) == 0.0
     maps = np.where(labels, 2.0, 1.0)
     assert anomaly.dice(maps > anomaly.best_dice_level(maps, labels), labels) == 1.0
+
+
+def _distinct_metrics() -> dict:
+    """Every key the summary reads, each with its own value (0.101, 0.102, ...)."""
+    keys = ["n_test_images", "test_ssim", "test_ssim_brain", "test_psnr", "test_psnr_brain",
+            "codes_used", "codebook_perplexity", "codebook_perplexity_brain",
+            "prior_test_bits_per_index", "prior_test_bits_brain", "n_eval_samples",
+            "c2st_accuracy", "c2st_real_vs_real", "c2st_real_vs_real_sd", "c2st_unigram",
+            "c2st_chimera", "sample_fd", "sample_fd_real_vs_real", "sample_fd_real_vs_real_sd",
+            "sample_fd_unigram", "sample_position_mae", "test_position_mae", "sample_nn_ssim",
+            "test_nn_ssim", "inpaint_n_images", "lesion_auprc", "lesion_auprc_random_map",
+            "lesion_auprc_true_difference", "lesion_dice"]
+    keys += [f"inpaint_{mask}_{method}_ssim" for mask in ("bottom_half", "centre_square")
+             for method in ("raster", "full", "mean", "reconstruction")]
+    return {key: round(0.101 + i / 1000, 3) for i, key in enumerate(keys)}
+
+
+def test_evaluate_summary_groups_the_scores_as_a_reader_reads_them():
+    metrics = _distinct_metrics()
+    lines = run_metrics.summary(metrics, Path("runs/x/metrics.json"))
+    assert len(lines) <= 15
+    heads = ["Reconstruction", "Codebook", "Prior", "Generated brains", "Inpainting",
+             "Synthetic lesions", "All"]
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(h)) for h in heads]
+    assert starts == sorted(starts)
+    assert lines[-1] == f"All {len(metrics)} numbers: runs/x/metrics.json"
+
+    def line_with(text: str) -> str:
+        return next(line for line in lines if text in line)
+
+    # each realism score beside its sanity values, in the order: score, real vs real, fakes
+    two_sample = line_with("two-sample test")
+    values = [f"{metrics[k]:.3f}" for k in ("c2st_accuracy", "c2st_real_vs_real",
+                                            "c2st_real_vs_real_sd", "c2st_unigram",
+                                            "c2st_chimera")]
+    assert [two_sample.index(v) for v in values] == sorted(two_sample.index(v) for v in values)
+    assert f"{metrics['sample_fd_real_vs_real']:.3f}" in line_with("Fréchet")
+    centre = line_with("centre square")
+    assert centre.endswith(" / ".join(f"{metrics[f'inpaint_centre_square_{m}_ssim']:.3f}"
+                                      for m in ("raster", "full", "mean", "reconstruction")))
+
+
+def test_summary_of_the_lesion_study_alone():
+    metrics = {k: v for k, v in _distinct_metrics().items() if k.startswith("lesion")}
+    lines = run_metrics.summary(metrics, Path("surprise.json"))
+    assert [line.split(":")[0] for line in lines] == ["Synthetic lesions", "All 4 numbers"]

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
-import stages
 import train
-from demo_data import build_demo_dataset
+from brainvq.data.demo import build_demo_dataset
+from brainvq.training import engine, stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--profile", "tiny", "--vqvae-epochs", "2", "--prior-epochs", "1", "--batch-size", "4",

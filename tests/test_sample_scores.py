@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import sample_scores
-from sample_scores import (
+from brainvq.evaluation import sample_scores
+from brainvq.evaluation.sample_scores import (
     brain_patches,
     c2st_accuracy,
     c2st_patch_accuracy,

@@ -2,12 +2,12 @@ import copy
 
 import torch
 
-from config import PROFILES, StageSettings
+from brainvq.config import PROFILES, StageSettings
+from brainvq.evaluation.metrics import ssim_torch
+from brainvq.training.engine import epoch_batches
+from brainvq.training.stages import make_optimiser, random_crops, vqvae_losses
 from dataset import Normalisation
-from engine import epoch_batches
-from metrics import ssim_torch
 from modules import VQVAE, PixelCNN, PriorConfig
-from stages import make_optimiser, random_crops, vqvae_losses
 from train import parse_args, resolve_profile
 
 

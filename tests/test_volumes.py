@@ -9,9 +9,9 @@ import pytest
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
+from brainvq.data.slices import IMAGE_SIZE, SPLITS, DatasetError, case_id, slice_index
+from brainvq.data.volumes import MIN_SLICE_AREA, VOLUME_SPACING_MM, split_subjects
 from dataset import find_split_dirs, load_split, load_splits
-from slices import IMAGE_SIZE, SPLITS, DatasetError, case_id, slice_index
-from volumes import MIN_SLICE_AREA, VOLUME_SPACING_MM, split_subjects
 
 SHAPE = (40, 48, 30)  # (X, Y, Z) in RAS order
 BRAIN_MM = (80.0, 100.0, 60.0)  # diameters of `ellipsoid`'s brain: left-right, front-back, up-down
