@@ -5,7 +5,6 @@ Its command line is tools/demo_data.py."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset import OASIS_SPLIT_DIRS, compute_normalisation, load_splits
-from brainvq.data.slices import IMAGE_SIZE, DatasetError, case_id
+from brainvq.data.slices import IMAGE_SIZE, DatasetError
+from dataset import OASIS_SPLIT_DIRS
 
 log = logging.getLogger(__name__)
 
