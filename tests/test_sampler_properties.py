@@ -85,29 +85,36 @@ def test_particles_fill_holes_that_reach_the_last_column():
     assert (out >= 0).all() and torch.equal(out[given], grid.repeat_interleave(3, 0)[given])
 
 
-@pytest.mark.xfail(strict=True, reason="sample_particles draws the site at which it resamples "
-                   "from the logits computed before the resampling (a bug in sampling.py)")
-def test_after_resampling_each_particle_draws_from_its_own_conditional(monkeypatch):
-    model = random_prior(sharpness=3.0)
+def _reverse_every_grid(cache, log_weights, particles, generator):
+    """A resampling that reorders every grid's particles (reversed) and reports that it did."""
+    order = torch.arange(len(log_weights)).view(-1, particles).flip(1).flatten()
+    cache.reorder(order)
+    log_weights.zero_()
+    return True
+
+
+@pytest.mark.parametrize("resampling", ["forced at every hole", "as the weights call for it"])
+def test_after_resampling_each_particle_draws_from_its_own_conditional(monkeypatch, resampling):
+    model = random_prior(sharpness=30.0)  # sharp: the given codes between holes spend weights
     grid = torch.randint(24, (2, 6, 6), generator=torch.Generator().manual_seed(5))
-    grid[:, 1:4, 1:4] = -1
-
-    def reverse_every_grid(cache, log_weights, particles, generator):  # all spent, reversed
-        order = torch.arange(len(log_weights)).view(-1, particles).flip(1).flatten()
-        cache.reorder(order)
-        log_weights.zero_()
-
-    used = []
-    fill = sampling._fill_site
+    grid[:, 1:5, ::2] = -1
+    used, resampled = [], []
+    fill, resample = sampling._fill_site, sampling._resample
 
     def checked_fill(out, r, c, logits, *rest):
         with torch.no_grad():
             used.append((logits.clone(), model(out[:, : r + 1].clamp(min=0))[:, :, r, c]))
         fill(out, r, c, logits, *rest)
 
-    monkeypatch.setattr(sampling, "_resample", reverse_every_grid)
+    def counted_resample(*args):
+        resampled.append(resample(*args))
+        return resampled[-1]
+
+    monkeypatch.setattr(sampling, "_resample", _reverse_every_grid
+                        if resampling == "forced at every hole" else counted_resample)
     monkeypatch.setattr(sampling, "_fill_site", checked_fill)
-    sample_particles(model, grid, 3, 1.0, torch.Generator().manual_seed(0))
+    sample_particles(model, grid, 8, 1.0, torch.Generator().manual_seed(0))
+    assert resampling == "forced at every hole" or any(resampled)
     for logits, forward in used:
         torch.testing.assert_close(logits, forward, rtol=1e-4, atol=1e-5)
 

@@ -106,7 +106,8 @@ def sample_particles(prior: PixelCNN, indices: torch.Tensor, particles: int,
                     logits = cache.logits(cache.advance(c))
                     given = out[:, r, c] != -1
                     if not given.all():  # a hole: resample first where the weights are spent
-                        _resample(cache, log_weights, particles, generator)
+                        if _resample(cache, log_weights, particles, generator):
+                            logits = cache.logits(cache.output[c])  # each particle's own
                         _fill_site(out, r, c, logits, temperature, generator)
                         cache.set_site(c, out[:, r, c])
                     codes = out[:, r, c]
@@ -118,18 +119,19 @@ def sample_particles(prior: PixelCNN, indices: torch.Tensor, particles: int,
 
 
 def _resample(cache: _SamplingCache, log_weights: torch.Tensor, particles: int,
-              generator: torch.Generator | None) -> None:
+              generator: torch.Generator | None) -> bool:
     """Resample, within each grid's particles, the grids whose weights' effective sample size
-    is below half their particles; their weights are then equal again."""
+    is below half their particles; their weights are then equal again. Whether any was."""
     weights = torch.softmax(log_weights.view(-1, particles), dim=1)  # (B, particles)
     spent = 1 / weights.square().sum(1) < particles / 2
     if not spent.any():
-        return
+        return False
     drawn = torch.multinomial(weights[spent], particles, replacement=True, generator=generator)
     order = torch.arange(len(log_weights), device=log_weights.device).view(-1, particles)
     order[spent] = drawn + order[spent, :1]
     cache.reorder(order.flatten())
     log_weights.view(-1, particles)[spent] = 0.0
+    return True
 
 
 class _SiteStep(NamedTuple):
