@@ -64,9 +64,11 @@ def evaluate(run: Run, train: SliceSet, validate: SliceSet, test: SliceSet, indi
     metrics.update(_timed("samples", run_metrics.sample_metrics, run, samples, reconstructions))
     metrics.update(_timed("generation scores", generation.generation_scores, samples,
                           positions, reference, args.seed))
+    train_grids = load_indices(run.path)["train"].long()
     metrics.update(_timed("sanity scores", generation.sanity_scores, run, reference,
-                          load_indices(run.path)["train"].long(), args.n_eval_samples,
-                          args.seed))
+                          train_grids, args.n_eval_samples, args.seed))
+    metrics.update(_timed("whole-slice test", generation.whole_slice_scores, run, reference,
+                          train, args.seed, args.temperature, args.top_p, train_grids))
     chosen = evenly_spaced(len(test), args.n_inpaint)
     inpainting, completions = _timed(
         "inpainting", run_metrics.inpainting_metrics, run, test.images[chosen], INPAINT_MASKS,

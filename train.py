@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     override.add_argument("--vqvae-lr", type=float)
     override.add_argument("--prior-lr", type=float)
     override.add_argument("--prior-channels", type=int, help="the prior's width C")
+    override.add_argument("--prior-mirror", action="store_const", const=True,
+                          help="also train the prior on the mirror image of every training "
+                               "slice (twice the grids per epoch)")
     override.add_argument("--prior-embedding", choices=["codebook", "random"],
                           help="start the prior's input embedding from the codebook (the "
                                "presets' choice) or at random")
@@ -101,7 +104,7 @@ def run_training(args: argparse.Namespace) -> Path:
                                  "compile": args.compile})
     if args.stage in ("vqvae", "both"):
         stages.train_vqvae(profile.vqvae, profile.vqvae_stage, splits, options, device, data)
-    indices = stages.encode_splits(options.run, splits, device)
+    indices = stages.encode_splits(options.run, splits, device, profile.prior_stage.mirror)
     if args.stage in ("prior", "both"):
         stages.train_prior(profile.prior, profile.prior_stage, indices, options, device)
     return options.run

@@ -15,6 +15,7 @@ from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
 STAGES = ("vqvae", "prior")
 INDICES_FILE = "indices.pt"  # every split encoded by the best VQ-VAE: the prior's data
 CONFIG_FILE = "config.json"
+MIRRORED_TRAIN = "train_mirrored"  # indices.pt's split of mirrored training slices, if any
 
 
 def checkpoint_path(run: Path, stage: str, which: str) -> Path:

@@ -33,6 +33,9 @@ class StageSettings:
     # prior only: start the prior's input embedding from the VQ-VAE codebook's principal
     # components (PixelCNN.embed_like), so similar codes start with similar embeddings
     embed_from_codebook: bool = False
+    # prior only: also train on the left-right mirror image of every training slice, encoded
+    # by the VQ-VAE: a mirrored brain is a brain (docs/experiments.md#mirrored-training-slices)
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ FLAG_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "prior_lr": (("prior_stage", "lr"),),
     "prior_channels": (("prior", "channels"),),
     "embed_from_codebook": (("prior_stage", "embed_from_codebook"),),
+    "prior_mirror": (("prior_stage", "mirror"),),
 }
 
 

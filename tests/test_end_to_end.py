@@ -12,14 +12,16 @@ import train
 from brainvq import checkpoints, config
 from brainvq.data.demo import build_demo_dataset
 from brainvq.inference import trained_run as inference
-from tools import choose_temperature, compare_priors, texture_test
+from tools import choose_temperature, compare_priors, slice_test, texture_test
 
 EXPECTED_METRICS = {"test_ssim", "test_psnr", "test_mse", "test_ssim_brain", "test_psnr_brain",
                     "codebook_usage", "codebook_perplexity", "prior_test_bits_per_index",
                     "codes_used_brain", "codebook_perplexity_brain", "n_test_images",
                     "prior_test_bits_brain", "c2st_accuracy", "c2st_real_vs_real",
                     "c2st_unigram", "c2st_chimera", "sample_fd", "sample_fd_real_vs_real",
-                    "sample_fd_unigram", "sample_position_mae", "test_position_mae"}
+                    "sample_fd_unigram", "sample_position_mae", "test_position_mae",
+                    "slice_c2st", "slice_c2st_real_vs_real", "slice_c2st_unigram",
+                    "slice_c2st_chimera"}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,18 @@ def test_texture_test_scores_every_case_for_each_seed(trained_run):
     for name in ("texture_c2st_real_vs_real", "texture_c2st_blurred"):
         assert len(scores[name]) == 2 and all(math.isnan(v) for v in scores[name])
     for name in ("texture_c2st", "texture_c2st_unigram", "texture_c2st_chimera"):
+        assert len(scores[name]) == 2 and all(0 <= v <= 1 for v in scores[name])
+
+
+@pytest.mark.parametrize("side", ["test", "validate"])
+def test_slice_test_scores_every_case_for_each_seed_on_either_side(trained_run, side):
+    assert slice_test.main(["--run", str(trained_run), "--device", "cpu", "--seeds", "0", "1",
+                            "--side", side]) == 0
+    scores = json.loads((trained_run / f"slice_test_{side}.json").read_text())["scores"]
+    assert set(scores) == {*slice_test.CASES, "slice_c2st_real_vs_real_sd"}
+    # one subject a held-out split: real against real cannot be scored
+    assert all(math.isnan(v) for v in scores["slice_c2st_real_vs_real"])
+    for name in ("slice_c2st", "slice_c2st_unigram", "slice_c2st_chimera"):
         assert len(scores[name]) == 2 and all(0 <= v <= 1 for v in scores[name])
 
 
@@ -216,10 +230,12 @@ def test_predict_writes_figures_and_metrics(predicted_run):
     assert 0 < metrics["codebook_usage"] <= 1
     assert 0 < metrics["prior_test_bits_per_index"] < 20
     assert metrics["prior_test_bits_brain"] > 0
-    for key in ("c2st_accuracy", "c2st_unigram", "c2st_chimera"):
+    for key in ("c2st_accuracy", "c2st_unigram", "c2st_chimera", "slice_c2st",
+                "slice_c2st_unigram", "slice_c2st_chimera"):
         assert 0 <= metrics[key] <= 1
     # one validation and one test subject: halves of one subject, no fold can be scored
     assert math.isnan(metrics["c2st_real_vs_real"])
+    assert math.isnan(metrics["slice_c2st_real_vs_real"])
     assert metrics["sample_fd"] >= 0 and 0 <= metrics["test_position_mae"] <= 1
 
 
@@ -351,3 +367,32 @@ def test_naive_sampler_flag_gives_the_fast_samplers_grids(trained_run):
     got = naive.sample(masked, temperature=1.0, seed=5)
     assert torch.equal(got, fast.sample(masked, temperature=1.0, seed=5))
     assert (got >= 0).all() and (got[1, :16] == 3).all()
+
+
+def test_mirrored_training_slices_double_the_priors_grids(trained_run, data_root, tmp_path,
+                                                          monkeypatch):
+    import dataclasses
+    import shutil
+
+    import dataset
+    from brainvq.inference.trained_run import encode_images
+    from brainvq.training import engine, stages
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    splits = dataset.load_splits(data_root)
+    indices = stages.encode_splits(run, splits, torch.device("cpu"), mirror=True)
+    model, norm, _ = checkpoints.load_vqvae(run / "vqvae_best.pt", torch.device("cpu"))
+    mirrored = encode_images(model, splits["train"].images.flip(-1), norm, torch.device("cpu"))
+    assert torch.equal(indices[checkpoints.MIRRORED_TRAIN], mirrored)
+    assert not torch.equal(mirrored, indices["train"])  # the mirror is not the slice itself
+    assert torch.equal(checkpoints.split_positions(indices, checkpoints.MIRRORED_TRAIN),
+                       checkpoints.split_positions(indices, "train"))
+    seen = {}
+    monkeypatch.setattr(engine, "fit", lambda stage, *_: seen.update(n=stage.n_samples))
+    settings = config.PROFILES["tiny"]
+    for mirror in (False, True):
+        stage = dataclasses.replace(settings.prior_stage, mirror=mirror)
+        stages.train_prior(settings.prior, stage, indices,
+                           stages.RunOptions(run=run, overwrite=True), torch.device("cpu"))
+        assert seen["n"] == len(splits["train"]) * (2 if mirror else 1)

@@ -138,3 +138,57 @@ def test_texture_scores_compare_each_case_with_the_same_real_slices(monkeypatch)
     assert len(blurred) == 1  # the blurred real slices keep their subjects' folds
     assert not np.array_equal(blurred[0][0], real)
     assert np.abs(blurred[0][0].astype(float) - real).mean() < 20  # a blur, not other slices
+
+
+class SamplingGridRun(GridRun):
+    """A GridRun that also "samples": every grid it is asked to fill becomes all code 3, and
+    it records the positions asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[torch.Tensor] = []
+
+    def sample(self, indices, temperature, seed, positions=None, top_p=1.0):
+        self.asked.append(positions)
+        return torch.full_like(indices, 3)
+
+
+def test_whole_slice_test_generates_at_every_test_level_and_scores_each_case(monkeypatch):
+    reference = _reference(np.random.default_rng(0))
+    train = generation.SliceSet(torch.zeros(6, 64, 64, dtype=torch.uint8),
+                                [f"case_9_slice_{i}.nii.png" for i in range(6)])
+    calls = {}
+
+    def spy_regressor(images, positions, *, seed, encoder):
+        calls["regressor"] = (len(images), encoder)
+        return "regressor"
+
+    def spy_c2st(a, b, *, folds, seed, backbone, groups_a=None, groups_b=None):
+        calls.setdefault("pairs", []).append((a, b, backbone, groups_a, groups_b))
+        return 0.5
+
+    monkeypatch.setattr(generation.sample_scores, "train_position_regressor", spy_regressor)
+    monkeypatch.setattr(generation.sample_scores, "c2st_accuracy", spy_c2st)
+    run = SamplingGridRun()
+    train_grids = torch.from_numpy(np.random.default_rng(1).integers(0, 8, (20, 8, 8)))
+    scores = generation.whole_slice_scores(run, reference, train, seed=0,
+                                           train_grids=train_grids)
+    assert set(scores) == {"slice_c2st", "slice_c2st_real_vs_real", "slice_c2st_real_vs_real_sd",
+                           "slice_c2st_chimera", "slice_c2st_unigram"}
+    assert calls["regressor"] == (6, generation.sample_scores.slice_encoder)
+    assert torch.equal(run.asked[0], reference.positions)  # one sample at every test level
+    samples, real, backbone, _, groups = calls["pairs"][0]
+    assert (samples == generation.to_uint8(GridRun().decode(torch.full((1, 8, 8), 3)))).all()
+    assert np.array_equal(real, reference.reconstructions) and backbone == "regressor"
+    assert np.array_equal(groups, reference.cases)
+    splits = calls["pairs"][1: 1 + generation.SLICE_TEST_SPLITS]
+    for a, b, _, groups_a, groups_b in splits:  # real vs real: halves of the held-out subjects
+        assert len(a) == len(b) and not set(groups_a) & set(groups_b)
+    chimeras, real = calls["pairs"][-2][:2]  # built from validation codes, scored against test
+    assert chimeras.min() >= 127 and np.array_equal(real, reference.reconstructions)
+
+
+def test_whole_slice_test_needs_known_training_positions():
+    train = generation.SliceSet(torch.zeros(3, 64, 64, dtype=torch.uint8), ["a.png", "b.png",
+                                                                           "c.png"])
+    assert generation.whole_slice_scores(SamplingGridRun(), _reference(np.random.default_rng(0)),
+                                         train, seed=0) == {}

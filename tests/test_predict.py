@@ -333,7 +333,9 @@ def _distinct_metrics() -> dict:
             "prior_test_bits_per_index", "prior_test_bits_brain", "n_eval_samples",
             "c2st_accuracy", "c2st_real_vs_real", "c2st_real_vs_real_sd", "c2st_unigram",
             "c2st_chimera", "sample_fd", "sample_fd_real_vs_real", "sample_fd_real_vs_real_sd",
-            "sample_fd_unigram", "sample_position_mae", "test_position_mae", "sample_nn_ssim",
+            "sample_fd_unigram", "slice_c2st", "slice_c2st_real_vs_real",
+            "slice_c2st_real_vs_real_sd", "slice_c2st_unigram", "slice_c2st_chimera",
+            "sample_position_mae", "test_position_mae", "sample_nn_ssim",
             "test_nn_ssim", "inpaint_n_images", "lesion_auprc", "lesion_auprc_random_map",
             "lesion_auprc_true_difference", "lesion_dice"]
     keys += [f"inpaint_{mask}_{method}_ssim" for mask in ("bottom_half", "centre_square")

@@ -278,3 +278,17 @@ def test_patch_c2st_keeps_each_slices_patches_and_each_group_in_one_fold(monkeyp
     for start in range(18, 48, 6):  # a group of b (two slices): its six patches share one
         assert len(set(fold[start: start + 6].tolist())) == 1
     assert len(set(fold[:18].tolist())) == len(set(fold[18:].tolist())) == 5
+
+
+def test_the_whole_slice_encoder_sees_each_slice_beside_its_left_right_difference():
+    encoder = sample_scores.slice_encoder()
+    symmetric = np.zeros((2, 256, 256), np.uint8)
+    symmetric[:, 64:192, 64:192] = 200
+    lopsided = symmetric.copy()
+    lopsided[:, 100:140, 70:110] = 40  # a dark spot in one hemisphere only
+    x = encoder.prepare(np.concatenate([symmetric, lopsided]))
+    assert x.shape == (4, 2, sample_scores.SLICE_SIZE, sample_scores.SLICE_SIZE)
+    assert torch.equal(x[:, 1], x[:, 0] - x[:, 0].flip(-1))
+    assert x[:2, 1].abs().max() == 0 and x[2:, 1].abs().max() > 0.5
+    assert encoder.eval()(x).shape == (4,)
+    assert encoder.features(x).shape == (4, sample_scores.FEATURES)

@@ -10,13 +10,10 @@ and unigram slices (texture that must be caught). Writes RUN/texture_test.json.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 from brainvq.checkpoints import load_indices
-from brainvq.cli import script_parser
+from brainvq.cli import print_seed_table, scores_over_seeds, script_parser
 from brainvq.config import DEFAULT_RUN, PredictSettings
 from brainvq.data.slices import DatasetError
 from brainvq.distributed import DEVICES, choose_device
@@ -34,17 +31,13 @@ def score_seeds(run: Run, reference: generation.RealReference, seeds: list[int],
     """{score: one value per seed}."""
     defaults = PredictSettings()
     train_grids = load_indices(run.path)["train"].long()
-    scores: dict[str, list[float]] = {}
-    for seed in seeds:
-        start = time.time()
+
+    def score(seed: int) -> dict[str, float]:
         samples, _ = generation.generated_slices(run, reference, n, seed, defaults.temperature,
                                                  defaults.top_p)
-        for name, value in generation.texture_scores(run, reference, samples, train_grids,
-                                                     seed).items():
-            scores.setdefault(name, []).append(value)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in scores.items())
-              + f" ({time.time() - start:.0f}s)", flush=True)
-    return scores
+        return generation.texture_scores(run, reference, samples, train_grids, seed)
+
+    return scores_over_seeds(seeds, score)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = score_seeds(run, reference, args.seeds, args.n_samples)
     write_json({"seeds": args.seeds, "n_samples": args.n_samples, "scores": scores},
                args.run / "texture_test.json")
-    print("| score | mean ± sd over seeds |")
-    print("|---|---|")
-    for name in (c for c in CASES if c in scores):
-        values = np.asarray(scores[name])
-        if np.isnan(values).all():  # e.g. one subject a side: no fold could be scored
-            print(f"| {name} | – |")
-        else:
-            print(f"| {name} | {np.nanmean(values):.3f} ± {np.nanstd(values):.3f} |")
+    print_seed_table(scores, CASES)
     return 0
 
 

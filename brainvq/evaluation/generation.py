@@ -40,6 +40,7 @@ C2ST_FOLDS = 5
 # (docs/results.md#how-much-one-seed-says)
 REAL_VS_REAL_SPLITS = 8
 REAL_VS_REAL_SLICES = 64  # a side, as many as the samples' test compares
+SLICE_TEST_SPLITS = 4  # real-vs-real splits the whole-slice test averages
 BLUR_SIGMA_PX = 1.0  # the texture test's blurred reconstructions: a texture that must be caught
 
 
@@ -161,6 +162,69 @@ def real_vs_real(reference: RealReference, seed: int,
         scores.update(sample_fd_real_vs_real=float(np.mean(distances)),
                       sample_fd_real_vs_real_sd=float(np.std(distances)))
     return scores
+
+
+def whole_slice_scores(run: Run, reference: RealReference, train: SliceSet, seed: int,
+                       temperature: float = 1.0, top_p: float = 1.0,
+                       train_grids: torch.Tensor | None = None) -> dict[str, float]:
+    """The whole-slice test: a classifier on 128² slices and their left-right difference, on
+    the frozen convolutions of a position regressor trained on them (`slice_encoder`), tells
+    brains generated at every test slice's level from those slices' reconstructions; beside it
+    real against real (random halves of the held-out subjects, as many slices a side: ≈ 0.5)
+    and unigram slices and chimeras (≈ 1). Empty where no training slice has a position."""
+    positions = relative_positions(train.names)
+    known = positions.isfinite()
+    if known.sum() < 2:
+        return {}
+    regressor = sample_scores.train_position_regressor(
+        train.images[known].numpy(), positions[known].numpy(), seed=seed,
+        encoder=sample_scores.slice_encoder)
+    real, cases = reference.reconstructions, reference.cases
+    n = len(real)
+    blank = torch.full((n, *reference.other_grids.shape[1:]), -1)  # the code grid's shape
+    grids = run.sample(blank, temperature, seed, reference.positions, top_p)
+    scores = {"slice_c2st": _slice_c2st(to_uint8(run.decode(grids)), real, regressor, seed,
+                                        groups_b=cases)}
+    held_out = np.concatenate([reference.other, real])
+    held_out_cases = np.concatenate([reference.other_cases, cases])
+    generator = torch.Generator().manual_seed(seed + 2)
+    accuracies = []
+    for split in range(SLICE_TEST_SPLITS):
+        a, b = _random_halves(held_out_cases, np.unique(held_out_cases), n, generator)
+        accuracies.append(_slice_c2st(held_out[a], held_out[b], regressor, seed + split,
+                                      held_out_cases[a], held_out_cases[b]))
+    scores.update(slice_c2st_real_vs_real=float(np.mean(accuracies)),
+                  slice_c2st_real_vs_real_sd=float(np.std(accuracies)))
+    generator = torch.Generator().manual_seed(seed)
+    fakes = {"slice_c2st_chimera": _chimeras(run, reference, n, generator)}
+    if train_grids is not None:
+        fakes["slice_c2st_unigram"] = to_uint8(run.decode(
+            sample_scores.unigram_grids(train_grids, n, generator)))
+    for name, images in fakes.items():
+        if images is not None:
+            scores[name] = _slice_c2st(images, real, regressor, seed, groups_b=cases)
+    return scores
+
+
+def _chimeras(run: Run, reference: RealReference, n: int,
+              generator: torch.Generator) -> np.ndarray | None:
+    """n uint8 chimeras of the validation grids; None where their positions are unknown."""
+    known = reference.other_positions.isfinite()
+    if known.sum() < 2:
+        return None
+    grids = sample_scores.chimera_grids(reference.other_grids[known],
+                                        reference.other_positions[known], n, generator)
+    return to_uint8(run.decode(grids))
+
+
+def _slice_c2st(a: np.ndarray, b: np.ndarray, regressor: sample_scores.SliceEncoder, seed: int,
+                groups_a: np.ndarray | None = None,
+                groups_b: np.ndarray | None = None) -> float:
+    n = min(len(a), len(b))
+    if n < 2:
+        return float("nan")
+    return sample_scores.c2st_accuracy(a, b, folds=min(C2ST_FOLDS, n), seed=seed,
+                                       backbone=regressor, groups_a=groups_a, groups_b=groups_b)
 
 
 def texture_scores(run: Run, reference: RealReference, samples: np.ndarray,

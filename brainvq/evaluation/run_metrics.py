@@ -246,6 +246,9 @@ def summary(metrics: dict[str, Any], path: Path) -> list[str]:
             f"  Fréchet distance {m['sample_fd']:.3f} [real vs real "
             f"{m['sample_fd_real_vs_real']:.3f} ± {m['sample_fd_real_vs_real_sd']:.3f}; "
             f"unigram {m['sample_fd_unigram']:.3f}]",
+            f"  whole-slice test, 128 px {m['slice_c2st']:.3f} [real vs real "
+            f"{m['slice_c2st_real_vs_real']:.3f} ± {m['slice_c2st_real_vs_real_sd']:.3f}; "
+            f"unigram {m['slice_c2st_unigram']:.3f}, chimeras {m['slice_c2st_chimera']:.3f}]",
             f"  level error {m['sample_position_mae']:.3f} [real {m['test_position_mae']:.3f}]; "
             f"nearest training SSIM {m['sample_nn_ssim']:.3f} [real {m['test_nn_ssim']:.3f}]"]
     masks = [name for name in ("bottom_half", "centre_square")

@@ -44,6 +44,10 @@ PATCH_SIZE = 48
 PATCHES_PER_SLICE = 16
 TISSUE_LEVEL = 8  # uint8: the decoder leaves the background at 0–7
 C2ST_PATCHES = (30, 1e-2)
+# The whole-slice test: 128² slices with their left-right difference, five strided
+# convolutions down to 4×4 (docs/results.md#the-whole-slice-test)
+SLICE_SIZE = 128
+SLICE_WIDTHS = (8, 16, 32, 64, 64)
 FRECHET_EPS = 1e-6  # added to the covariances' diagonals when their product's root is singular
 
 
@@ -79,23 +83,32 @@ def to_input(images: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch
 
 
 class SliceEncoder(nn.Module):
-    """(B, 1, 64, 64) slices → (B, FEATURES) features → (B,) one output per slice.
+    """(B, 1 or 2, size, size) slices → (B, FEATURES) features → (B,) one output per slice.
 
-    Strided convolutions down to 4×4, then a fully connected layer: flattening rather than
-    pooling keeps where each structure lies, which is what anatomy is."""
+    Strided convolutions, one per entry of `widths`, then a fully connected layer: flattening
+    rather than pooling keeps where each structure lies, which is what anatomy is. `mirrored`:
+    the slice's left-right difference enters beside it (`prepare`), so the hemispheres'
+    likeness is one convolution away."""
 
-    def __init__(self, size: int = INPUT_SIZE, features: int = FEATURES) -> None:
+    def __init__(self, size: int = INPUT_SIZE, features: int = FEATURES,
+                 widths: tuple[int, ...] = (8, 16, 32, 64), mirrored: bool = False) -> None:
         super().__init__()
-        widths = (1, 8, 16, 32, 64)
+        self.size, self.mirrored = size, mirrored
+        channels = (2 if mirrored else 1, *widths)
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out),
                        nn.ReLU()]
         self.convs = nn.Sequential(*layers)
-        cells = (size // 16) ** 2
+        cells = (size // 2 ** len(widths)) ** 2
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * cells, features),
                                     nn.ReLU())
         self.head = nn.Linear(features, 1)
+
+    def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] slices (N, H, W) → this encoder's input (N, 1 or 2, size, size)."""
+        x = to_input(images, self.size)
+        return torch.cat([x, x - x.flip(-1)], dim=1) if self.mirrored else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.hidden(self.convs(x))
@@ -163,7 +176,8 @@ def c2st_accuracy(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *,
     with seeded_torch(seed, threads):
         pick = torch.Generator().manual_seed(seed)
         chosen = [torch.randperm(len(side), generator=pick)[:n].numpy() for side in (a, b)]
-        x = torch.cat([to_input(np.asarray(side)[rows])
+        prepare = to_input if backbone is None else backbone.prepare
+        x = torch.cat([prepare(np.asarray(side)[rows])
                        for side, rows in zip((a, b), chosen, strict=True)])
         if backbone is not None:  # frozen convolutions: each slice's output is computed once
             x = batched(backbone.convs.eval(), x)
@@ -314,29 +328,37 @@ def chimera_pairs(positions: torch.Tensor, n: int, generator: torch.Generator,
 # ---------------------------------------------------------------- slice-position regressor
 
 
+def slice_encoder() -> SliceEncoder:
+    """The whole-slice test's encoder: 128² slices beside their left-right difference."""
+    return SliceEncoder(SLICE_SIZE, widths=SLICE_WIDTHS, mirrored=True)
+
+
 def train_position_regressor(images: np.ndarray | torch.Tensor,
                              positions: np.ndarray | torch.Tensor, *, epochs: int = 15,
                              seed: int = 0, batch_size: int = 32, lr: float = 1e-2,
-                             threads: int = THREADS) -> SliceEncoder:
-    """A small CNN regressing each slice's relative axial position in [0, 1]."""
+                             threads: int = THREADS,
+                             encoder: Callable[[], SliceEncoder] = SliceEncoder) -> SliceEncoder:
+    """A small CNN (a fresh `encoder()`) regressing each slice's relative axial position in
+    [0, 1]."""
     # L1 at lr 1e-2 read held-out levels best of L1, MSE and smooth L1 on the demo set
     target = torch.as_tensor(np.asarray(positions), dtype=torch.float32)
     with seeded_torch(seed, threads):
-        return fit(SliceEncoder(), to_input(images), target, F.l1_loss, epochs, batch_size, lr)
+        model = encoder()
+        return fit(model, model.prepare(images), target, F.l1_loss, epochs, batch_size, lr)
 
 
 def predict_positions(model: SliceEncoder, images: np.ndarray | torch.Tensor,
                       threads: int = THREADS) -> np.ndarray:
     """(N,) predicted relative positions of (N, H, W) slices."""
     with torch_threads(threads):
-        return batched(model.eval(), to_input(images)).numpy()
+        return batched(model.eval(), model.prepare(images)).numpy()
 
 
 def features(model: SliceEncoder, images: np.ndarray | torch.Tensor,
              threads: int = THREADS) -> np.ndarray:
     """(N, FEATURES) penultimate-layer features of the regressor for (N, H, W) slices."""
     with torch_threads(threads):
-        return batched(model.eval().features, to_input(images)).numpy().astype(np.float64)
+        return batched(model.eval().features, model.prepare(images)).numpy().astype(np.float64)
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:

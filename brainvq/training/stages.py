@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from brainvq.checkpoints import (
     INDICES_FILE,
+    MIRRORED_TRAIN,
     checkpoint_path,
     indices_record,
     load_vqvae,
@@ -244,13 +245,18 @@ def train_vqvae(cfg: VQVAEConfig, settings: StageSettings, splits: dict[str, Sli
 
 
 # ---------------------------------------------------------------- encoding between the stages
-def encode_splits(run: Path, splits: dict[str, SliceSet],
-                  device: torch.device) -> dict[str, Any]:
-    """Encode every split with the best VQ-VAE and store the grids in run/indices.pt."""
+def encode_splits(run: Path, splits: dict[str, SliceSet], device: torch.device,
+                  mirror: bool = False) -> dict[str, Any]:
+    """Encode every split with the best VQ-VAE and store the grids in run/indices.pt; with
+    `mirror`, the training slices' mirror images too (as the split MIRRORED_TRAIN)."""
     model, norm, state = load_vqvae(checkpoint_path(run, "vqvae", "best"), device)
-    indices = indices_record(state["epoch"], model.cfg.n_codes, {
-        name: (encode_images(model, split.images, norm, device), split.names,
-               relative_positions(split.names)) for name, split in splits.items()})
+    encoded = {name: (encode_images(model, split.images, norm, device), split.names,
+                      relative_positions(split.names)) for name, split in splits.items()}
+    if mirror:
+        train = splits["train"]
+        encoded[MIRRORED_TRAIN] = (encode_images(model, train.images.flip(-1), norm, device),
+                                   train.names, relative_positions(train.names))
+    indices = indices_record(state["epoch"], model.cfg.n_codes, encoded)
     if is_main():
         save_checkpoint(indices, run / INDICES_FILE)
         report_codebook_usage(run, {name: indices[name] for name in splits}, model.cfg.n_codes)
@@ -282,6 +288,9 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
     cfg = PriorConfig(**{**asdict(cfg), "n_codes": indices["n_codes"]})
     train_grids, val_grids = indices["train"], indices["validate"]
     train_positions, val_positions = (split_positions(indices, s) for s in ("train", "validate"))
+    if settings.mirror:
+        train_grids = torch.cat([train_grids, indices[MIRRORED_TRAIN]])
+        train_positions = torch.cat([train_positions, split_positions(indices, MIRRORED_TRAIN)])
     model = PixelCNN(cfg)
     if settings.embed_from_codebook:
         model.embed_like(load_checkpoint(checkpoint_path(run, "vqvae", "best"))["model"]
