@@ -31,6 +31,7 @@ from brainvq.distributed import DEVICES, choose_device
 from brainvq.evaluation import anomaly, generation, run_metrics
 from brainvq.figures.run_figures import (
     figure_generated,
+    figure_generated_beside_real,
     figure_generated_stack,
     figure_healing,
     figure_inpainting,
@@ -230,6 +231,9 @@ def run_predict(args: argparse.Namespace) -> Path:
                         reconstructions, args, out) if args.evaluate else {})
     if args.surprise:
         metrics.update(lesion_surprise(run, splits["validate"], test, args, out))
+    # last, so that the figures and metrics above draw what they drew before it was added
+    figure_generated_beside_real(run, show, show_positions, args.temperature, args.seed,
+                                 out / "generated_vs_real.png", args.top_p)
     print(f"figures in {out}")
     if args.evaluate:
         write_json(metrics, run.path / "metrics.json")

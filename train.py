@@ -53,9 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     override.add_argument("--vqvae-lr", type=float)
     override.add_argument("--prior-lr", type=float)
     override.add_argument("--prior-channels", type=int, help="the prior's width C")
-    override.add_argument("--prior-mirror", action="store_const", const=True,
+    override.add_argument("--prior-mirror", action=argparse.BooleanOptionalAction,
                           help="also train the prior on the mirror image of every training "
-                               "slice (twice the grids per epoch)")
+                               "slice (twice the grids per epoch; the demo and full presets do)")
     override.add_argument("--prior-embedding", choices=["codebook", "random"],
                           help="start the prior's input embedding from the codebook (the "
                                "presets' choice) or at random")

@@ -61,7 +61,10 @@ PROFILES: dict[str, Profile] = {
         # more updates (docs/experiments.md#prior-batch-size-more-updates-for-the-same-cpu-time)
         vqvae_stage=StageSettings(epochs=8, batch_size=4, lr=2e-3, ssim_weight=1.0, crop=128,
                                   crops_per_image=2),
-        prior_stage=StageSettings(epochs=6, batch_size=4, lr=5e-3, embed_from_codebook=True),
+        # each training slice and its mirror image for 3 epochs beat the slices alone for 6, in
+        # the same CPU time (docs/experiments.md#mirrored-training-slices)
+        prior_stage=StageSettings(epochs=3, batch_size=4, lr=5e-3, embed_from_codebook=True,
+                                  mirror=True),
     ),
     "tiny": Profile(  # smoke tests: seconds on a CPU, not a useful model
         vqvae=VQVAEConfig(hidden=(8, 8, 16), n_res_blocks=1, embedding_dim=8, n_codes=32),
@@ -79,8 +82,8 @@ PROFILES: dict[str, Profile] = {
                           slice_bins=16),
         vqvae_stage=StageSettings(epochs=100, batch_size=32, lr=1e-3, warmup_steps=500,
                                   ssim_weight=1.0),
-        prior_stage=StageSettings(epochs=100, batch_size=64, lr=1e-3, warmup_steps=500,
-                                  embed_from_codebook=True),
+        prior_stage=StageSettings(epochs=50, batch_size=64, lr=1e-3, warmup_steps=500,
+                                  embed_from_codebook=True, mirror=True),
     ),
 }
 

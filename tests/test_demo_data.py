@@ -94,6 +94,18 @@ def test_demo_built_in_several_processes_is_the_same_set(tmp_path, monkeypatch):
         assert torch.equal(shared[split].images, alone[split].images)
 
 
+def test_extra_training_subjects_leave_the_held_out_splits_as_they_were(tiny_demo, tmp_path):
+    more = load_splits(build_demo_dataset(tmp_path / "more", **TINY, extra_train=1))
+    plain = load_splits(tiny_demo)
+    for split in ("validate", "test"):
+        assert more[split].names == plain[split].names
+        assert torch.equal(more[split].images, plain[split].images)
+    cases = sorted({case_id(name) for name in more["train"].names})
+    held_out = {case_id(name) for split in ("validate", "test") for name in plain[split].names}
+    assert len(cases) == TINY["n_train"] + 1 and not held_out & set(cases)
+    assert torch.equal(more["train"].images[: len(plain["train"])], plain["train"].images)
+
+
 def test_demo_refuses_to_overwrite_real_data(tmp_path):
     make_real_root(tmp_path)
     with pytest.raises(DatasetError, match="refusing to overwrite"):

@@ -220,8 +220,8 @@ def test_predict_writes_figures_and_metrics(predicted_run):
     run, _ = predicted_run
     figures = run / "figures"
     for name in ("reconstructions", "generated_indices", "generated_brains", "generated_stack",
-                 "inpainting_bottom_half", "inpainting_custom", "inpainting_centre_square",
-                 "ssim_by_slice", "surprise"):
+                 "generated_vs_real", "inpainting_bottom_half", "inpainting_custom",
+                 "inpainting_centre_square", "ssim_by_slice", "surprise"):
         assert (figures / f"{name}.png").stat().st_size > 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert EXPECTED_METRICS <= set(metrics)
@@ -326,7 +326,8 @@ def test_generated_brains_are_drawn_from_the_nucleus_asked_for(trained_run, monk
     monkeypatch.setattr(inference.Run, "sample", spy)
     assert predict.main(["--run", str(trained_run), "--n-samples", "2", "--n-show", "1",
                          "--top-p", "0.5"]) == 0
-    assert asked == [0.5, 0.5]  # generated_brains and generated_stack; inpainting has its own
+    # generated_brains, generated_stack and generated_vs_real; inpainting has its own
+    assert asked == [0.5, 0.5, 0.5]
 
 
 def test_inpainting_fills_at_the_inpainting_temperature(trained_run):
@@ -396,3 +397,14 @@ def test_mirrored_training_slices_double_the_priors_grids(trained_run, data_root
         stages.train_prior(settings.prior, stage, indices,
                            stages.RunOptions(run=run, overwrite=True), torch.device("cpu"))
         assert seen["n"] == len(splits["train"]) * (2 if mirror else 1)
+
+
+def test_attention_probe_reports_each_variant_beside_its_control(trained_run, capsys):
+    from tools import attention_probe
+
+    assert attention_probe.main(["--run", str(trained_run), "--steps", "2", "--after", "1"]) == 0
+    rows = json.loads((trained_run / "attention_probe.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == [
+        "preset", "attention after 1", "control: attention sees every site"]
+    assert all(row["steps"] == 2 and 0 < row["val_bits_brain"] < 10 for row in rows)
+    assert "attention after 1" in capsys.readouterr().out

@@ -52,6 +52,15 @@ def test_flags_override_the_profile():
     assert resolve_profile(args).vqvae.hidden == PROFILES["demo"].vqvae.hidden
 
 
+def test_prior_mirror_flag_turns_the_presets_mirroring_on_and_off():
+    presets = {name: PROFILES[name].prior_stage.mirror for name in ("demo", "tiny")}
+    for name, preset in presets.items():
+        assert resolve_profile(parse_args(["--profile", name])).prior_stage.mirror == preset
+        for flag, wanted in (("--prior-mirror", True), ("--no-prior-mirror", False)):
+            args = parse_args(["--profile", name, flag])
+            assert resolve_profile(args).prior_stage.mirror is wanted
+
+
 def test_ssim_weight_adds_one_minus_ssim_on_unit_scale_pixels():
     torch.manual_seed(0)
     model = VQVAE(PROFILES["tiny"].vqvae).eval()

@@ -100,6 +100,7 @@ def build_demo_dataset(
     slices_per_subject: int = DEMO_SLICES_PER_SUBJECT,
     seed: int = 0,
     force: bool = False,
+    extra_train: int = 0,
 ) -> Path:
     """Build the demo set at `root` (default `demo_root()`) in the OASIS layout, once.
 
@@ -109,7 +110,9 @@ def build_demo_dataset(
     (affine plus elastic) and intensity change (GM/WM contrast, gamma, bias field,
     noise inside the brain), sliced axially like OASIS. Cases are numbered from 1
     across train, validate and test in that order, so no subject is in two splits;
-    subject ``c`` depends only on (`seed`, ``c``, `slices_per_subject`).
+    subject ``c`` depends only on (`seed`, ``c``, `slices_per_subject`). `extra_train` more
+    training subjects are numbered after the test ones, so the held-out splits stay exactly
+    those of a build without them: more distinct training slices, the same test.
     """
     root = Path(root) if root is not None else demo_root()
     counts = {"train": n_train, "validate": n_validate, "test": n_test}
@@ -124,6 +127,8 @@ def build_demo_dataset(
         "slices_per_subject": slices_per_subject,
         "seed": seed,
     }
+    if extra_train:  # only then: a default build's marker stays as it was
+        settings["extra_train"] = extra_train
     if not force and demo_is_complete(root, settings):
         return root
     _check_demo_owns(root)
@@ -142,6 +147,9 @@ def build_demo_dataset(
         folder = staging / OASIS_SPLIT_DIRS[split][0]
         folder.mkdir(parents=True)
         subjects += [(folder, len(subjects) + 1 + k) for k in range(n_subjects)]
+    first_extra = len(subjects) + 1
+    subjects += [(staging / OASIS_SPLIT_DIRS["train"][0], first_extra + k)
+                 for k in range(extra_train)]
     workers = max(1, min(os.cpu_count() or 1, len(subjects) // SUBJECTS_PER_PROCESS))
     # Each subject depends only on its own case number: the shares can be built in any order.
     write_in_processes([subjects[w::workers] for w in range(workers)], seed, slices_per_subject)

@@ -59,6 +59,20 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
               col_titles=[f"position {p:.2f}" for p in positions[:levels].tolist()])
 
 
+def figure_generated_beside_real(run: Run, images: torch.Tensor, positions: torch.Tensor,
+                                 temperature: float, seed: int, path: Path,
+                                 top_p: float = 1.0) -> None:
+    """Reconstructions of real slices (N, H, W) in the top row; below each, two brains
+    generated at its relative slice position (N,): what a whole-slice test compares."""
+    n = len(images)
+    generated = run.decode(run.sample(torch.full((2 * n, 32, 32), -1), temperature, seed,
+                                      positions.repeat(2), top_p))
+    real = run.decode(run.encode(images))
+    save_grid([list(real), list(generated[:n]), list(generated[n:])], path,
+              col_titles=[f"position {p:.2f}" for p in positions.tolist()],
+              row_titles=["real (reconstructed)", "generated", "generated"])
+
+
 def figure_inpainting(run: Run, images: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, seed: int, settings: InpaintSettings,
                       path: Path) -> None:
