@@ -39,6 +39,7 @@ from brainvq.figures.run_figures import (
     figure_reconstructions,
     figure_scores_by_slice,
     figure_surprise,
+    spread_levels,
     write_reconstructions,
 )
 from brainvq.inference.masks import INPAINT_MASKS, bottom_half_mask, load_mask
@@ -232,8 +233,10 @@ def run_predict(args: argparse.Namespace) -> Path:
     if args.surprise:
         metrics.update(lesion_surprise(run, splits["validate"], test, args, out))
     # last, so that the figures and metrics above draw what they drew before it was added
-    figure_generated_beside_real(run, show, show_positions, args.temperature, args.seed,
-                                 out / "generated_vs_real.png", args.top_p)
+    levels = spread_levels(relative_positions(test.names))
+    figure_generated_beside_real(run, test.images[levels], relative_positions(test.names)[levels],
+                                 args.temperature, args.seed, out / "generated_vs_real.png",
+                                 args.top_p)
     print(f"figures in {out}")
     if args.evaluate:
         write_json(metrics, run.path / "metrics.json")

@@ -408,3 +408,11 @@ def test_attention_probe_reports_each_variant_beside_its_control(trained_run, ca
         "preset", "attention after 1", "control: attention sees every site"]
     assert all(row["steps"] == 2 and 0 < row["val_bits_brain"] < 10 for row in rows)
     assert "attention after 1" in capsys.readouterr().out
+
+
+def test_the_levels_beside_real_are_spread_and_known():
+    from brainvq.figures.run_figures import spread_levels
+
+    positions = torch.tensor([float("nan"), 0.0, 0.12, 0.5, 0.52, 0.88, 1.0])
+    assert spread_levels(positions, 3).tolist() == [2, 3, 5]  # nearest to 0.1, 0.5, 0.9
+    assert spread_levels(torch.full((4,), float("nan")), 3).tolist() == [0, 1, 2]

@@ -4,17 +4,19 @@ same CPU time?
 Trains, on the run's index grids (with their mirror images where indices.pt holds them, as the
 demo preset does), the preset's prior and the same prior with a causal self-attention block after
 the gated layers listed by each `--after`, each from the same start for the same wall-clock
-budget (`--seconds`; the steps are counted from a short timed warm-up) or for the same number of
-steps (`--steps`), and reports validation bits per index, over all sites and over mostly-brain
-sites. A control lets attention see every site (no causal mask): it must cut the bits far down,
-which shows the block is wired to the loss. The block is a probe: the samplers do not run it.
-Writes RUN/attention_probe.json.
+budget (`--seconds`: the learning rate's cosine decay runs over time, so a costlier step gets
+fewer steps) or for the same number of steps (`--steps`), and reports validation bits per index,
+over all sites and over mostly-brain sites. A control lets attention see every site (no causal
+mask), the answer included: how far its bits fall shows how much the block can learn in the
+budget at all. The block is a probe: the samplers do not run it. Writes
+RUN/attention_probe.json.
 
     python -m tools.attention_probe --run runs/demo --seconds 180 --after 9 --after 4,9
     python -m tools.attention_probe --run runs/demo --steps 1800 --after 9
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import replace
@@ -36,12 +38,11 @@ from brainvq.config import DEFAULT_RUN, PROFILES
 from brainvq.data.slices import to_unit
 from brainvq.evaluation.run_metrics import mostly_brain_sites
 from brainvq.io_utils import RunError, write_json
-from brainvq.training.stages import place_prior, warmup_cosine
+from brainvq.training.stages import place_prior
 from dataset import DatasetError, load_splits
 from modules import PixelCNN, PriorConfig, bits
 
-WARMUP_STEPS = 20  # timed to turn a budget into steps
-CONTROL_STEPS = 300
+WARMUP_STEPS = 100  # the presets' linear warm-up of the learning rate
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,32 +105,29 @@ def make_prior(cfg: PriorConfig, after: tuple[int, ...], codebook: torch.Tensor,
     return place_prior(model, torch.device("cpu"))
 
 
-def train(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, steps: int,
-          lr: float, batch_size: int) -> float:
-    """AdamW with the presets' warm-up + cosine schedule and gradient clipping, random batches;
-    returns the seconds it took."""
+def train(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, lr: float,
+          batch_size: int, steps: int | None = None, seconds: float | None = None
+          ) -> tuple[int, float]:
+    """AdamW, random batches, gradient clipping, and the presets' warm-up then a cosine decay over
+    `steps`, or over `seconds` of wall-clock time (so that every variant gets the same CPU time
+    whatever its step costs). Returns the steps taken and the seconds they took."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = warmup_cosine(optimiser, steps, 100)
     generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
+    start, step = time.perf_counter(), 0
+    while True:
+        done = step / steps if steps is not None else (time.perf_counter() - start) / seconds
+        if done >= 1:
+            return step, time.perf_counter() - start
+        warmup = min(1.0, (step + 1) / WARMUP_STEPS)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * warmup * 0.5 * (1 + math.cos(math.pi * done))
         batch = torch.randint(0, len(grids), (batch_size,), generator=generator)
         loss = bits(model(grids[batch], positions[batch]), grids[batch], reduction="mean")
         optimiser.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
-        schedule.step()
-    return time.perf_counter() - start
-
-
-def seconds_per_step(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor,
-                     batch_size: int) -> float:
-    """Timed on a few steps; the weights are then put back, so every variant starts alike."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds = train(model, grids, positions, WARMUP_STEPS, 1e-3, batch_size) / WARMUP_STEPS
-    model.load_state_dict(state)
-    return seconds
+        step += 1
 
 
 @torch.no_grad()
@@ -171,13 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, after, causal in variants:
         model = make_prior(cfg, after, codebook, causal)
-        per_step = seconds_per_step(model, grids, positions, stage.batch_size)
-        steps = args.steps or (int(args.seconds / per_step) if causal else CONTROL_STEPS)
-        seconds = train(model, grids, positions, steps, stage.lr, stage.batch_size)
+        steps, seconds = train(model, grids, positions, stage.lr, stage.batch_size,
+                               args.steps, None if args.steps else args.seconds)
         rows.append({"variant": name, "steps": steps, "seconds": round(seconds, 1),
-                     "ms_per_step": round(1000 * per_step, 1),
+                     "ms_per_step": round(1000 * seconds / max(steps, 1), 1),
                      **validation_bits(model, *val, brain)})
-        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in rows[-1].items()), flush=True)
     write_json({"rows": rows, "seconds": args.seconds, "steps": args.steps},
                args.run / "attention_probe.json")

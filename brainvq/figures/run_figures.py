@@ -59,6 +59,19 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
               col_titles=[f"position {p:.2f}" for p in positions[:levels].tolist()])
 
 
+BESIDE_REAL_LEVELS = 6  # real slices in generated_vs_real.png, each with two generated brains
+
+
+def spread_levels(positions: torch.Tensor, n: int = BESIDE_REAL_LEVELS) -> torch.Tensor:
+    """Indices of n slices whose relative positions (N,) lie nearest to n levels spread from
+    0.1 to 0.9 (NaN: unknown, never chosen); the first n slices if no position is known."""
+    known = positions.isfinite()
+    if not known.any():
+        return torch.arange(min(n, len(positions)))
+    distance = (positions[None, :] - torch.linspace(0.1, 0.9, n)[:, None]).abs()
+    return distance.masked_fill(~known[None, :], float("inf")).argmin(1)
+
+
 def figure_generated_beside_real(run: Run, images: torch.Tensor, positions: torch.Tensor,
                                  temperature: float, seed: int, path: Path,
                                  top_p: float = 1.0) -> None:
