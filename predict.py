@@ -232,11 +232,11 @@ def run_predict(args: argparse.Namespace) -> Path:
                         reconstructions, args, out) if args.evaluate else {})
     if args.surprise:
         metrics.update(lesion_surprise(run, splits["validate"], test, args, out))
-    # last, so that the figures and metrics above draw what they drew before it was added
-    levels = spread_levels(relative_positions(test.names))
-    figure_generated_beside_real(run, test.images[levels], relative_positions(test.names)[levels],
-                                 args.temperature, args.seed, out / "generated_vs_real.png",
-                                 args.top_p)
+    # after the metrics, so that no number depends on whether this figure is drawn
+    positions = relative_positions(test.names)
+    levels = spread_levels(positions)
+    figure_generated_beside_real(run, test.images[levels], positions[levels], args.temperature,
+                                 args.seed, out / "generated_vs_real.png", args.top_p)
     print(f"figures in {out}")
     if args.evaluate:
         write_json(metrics, run.path / "metrics.json")

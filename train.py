@@ -94,6 +94,9 @@ def run_training(args: argparse.Namespace) -> Path:
                                 checkpoint_every=args.checkpoint_every,
                                 compile=args.compile)
     options.run.mkdir(parents=True, exist_ok=True)
+    for stage in ("vqvae", "prior") if args.resume else ():
+        if args.stage in (stage, "both"):
+            stages.refuse_other_schedule(options.run, stage, getattr(profile, f"{stage}_stage"))
     splits = dataset.load_splits(data_root, spacing=args.spacing)
     data = {"data_root": str(data_root), "spacing": args.spacing}
     if is_main():

@@ -57,6 +57,17 @@ def test_resume_with_a_different_config_is_refused(run, tiny_data_root, tmp_path
     assert (copy / "vqvae_last.pt").read_bytes() == before
 
 
+def test_resume_with_another_schedule_is_refused_before_anything_is_written(
+        run, tiny_data_root, tmp_path, capsys):
+    copy = _copy(run, tmp_path)
+    before = {path.name: path.read_bytes() for path in copy.glob("*.pt")}
+    code = train.main(["--data", str(tiny_data_root), "--out", str(copy), "--profile", "tiny",
+                       "--batch-size", "4", "--stage", "prior", "--prior-mirror", "--resume"])
+    assert code == 2
+    assert "was trained with mirror False (now True)" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in copy.glob("*.pt")} == before
+
+
 def test_missing_run_folder(tmp_path, capsys):
     assert predict.main(["--run", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from brainvq.evaluation.metrics import (
 )
 from brainvq.figures.plots import save_grid, save_loss_curves
 from brainvq.inference.trained_run import autocast, encode_images, evaluate_prior, to_model_input
-from brainvq.io_utils import load_checkpoint, save_checkpoint, write_csv, write_json
+from brainvq.io_utils import RunError, load_checkpoint, save_checkpoint, write_csv, write_json
 from brainvq.training import engine
 from dataset import Normalisation, compute_normalisation
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig, at_least_fp32, bits
@@ -122,6 +122,23 @@ def compile_for_training(model: torch.nn.Module) -> None:
     quantiser, whose EMA and dead-code updates would break the graph every step."""
     for part in (model.encoder, model.decoder) if isinstance(model, VQVAE) else (model,):
         part.compile(backend=COMPILE_BACKEND)
+
+
+def refuse_other_schedule(run: Path, stage: str, settings: StageSettings) -> None:
+    """Refuse to resume a stage with settings other than those its last checkpoint was trained
+    with: another schedule (epochs, batch, mirrored slices, ...) would not continue that run."""
+    path = checkpoint_path(run, stage, "last")
+    if not path.exists():
+        return
+    saved = load_checkpoint(path).get("stage_settings", asdict(settings))
+    known = {name: value for name, value in saved.items() if name in asdict(settings)}
+    changed = {name: (value, getattr(settings, name))
+               for name, value in asdict(StageSettings(**known)).items()
+               if value != getattr(settings, name)}
+    if changed:
+        was = ", ".join(f"{name} {old} (now {new})" for name, (old, new) in changed.items())
+        raise RunError(f"{path} was trained with {was}; resume with the flags it was trained "
+                       "with, or use --overwrite")
 
 
 def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_samples: int,
