@@ -37,8 +37,9 @@ from brainvq.cli import script_parser
 from brainvq.config import DEFAULT_RUN, PROFILES
 from brainvq.data.slices import to_unit
 from brainvq.evaluation.run_metrics import mostly_brain_sites
+from brainvq.inference.trained_run import surprise_bits
 from brainvq.io_utils import RunError, write_json
-from brainvq.training.stages import place_prior
+from brainvq.training.stages import place_prior, prior_training_grids
 from dataset import DatasetError, load_splits
 from modules import PixelCNN, PriorConfig, bits
 
@@ -90,13 +91,6 @@ class AttentionPixelCNN(PixelCNN):
         return self.head(h)
 
 
-def training_grids(indices: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training grids (N, H, W) and positions (N,), with their mirror images if kept."""
-    splits = ["train"] + ([MIRRORED_TRAIN] if MIRRORED_TRAIN in indices else [])
-    return (torch.cat([indices[s] for s in splits]).long(),
-            torch.cat([split_positions(indices, s) for s in splits]))
-
-
 def make_prior(cfg: PriorConfig, after: tuple[int, ...], codebook: torch.Tensor,
                causal: bool = True) -> PixelCNN:
     torch.manual_seed(0)
@@ -134,9 +128,8 @@ def train(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, lr: flo
 def validation_bits(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor,
                     brain: torch.Tensor) -> dict[str, float]:
     model.eval()
-    per_site = torch.cat([bits(model(grids[i:i + 32], positions[i:i + 32]), grids[i:i + 32])
-                          for i in range(0, len(grids), 32)])
-    model.train()
+    per_site = torch.cat([surprise_bits(model, g, p)
+                          for g, p in zip(grids.split(32), positions.split(32), strict=True)])
     return {"val_bits": per_site.mean().item(), "val_bits_brain": per_site[brain].mean().item()}
 
 
@@ -160,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, stage = PROFILES["demo"].prior, PROFILES["demo"].prior_stage
     cfg = replace(cfg, n_codes=indices["n_codes"])
     codebook = vqvae["model"]["quantiser.codebook"]
-    grids, positions = training_grids(indices)
+    grids, positions = prior_training_grids(indices, MIRRORED_TRAIN in indices)
+    grids = grids.long()
     val = indices["validate"].long(), split_positions(indices, "validate")
     brain = torch.from_numpy(mostly_brain_sites(to_unit(val_images), val[0].shape[-1]))
     variants = [("preset", (), True)] + [

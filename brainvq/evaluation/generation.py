@@ -25,6 +25,7 @@ beside a case that must score well and cases that must score badly:
   reconstructions and unigram slices (must be caught) and chimeras (real patches: ≈ 0.5)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,12 +123,9 @@ def sanity_scores(run: Run, reference: RealReference, train_grids: torch.Tensor,
     unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
     real, real_cases = _matched_real(reference, n, seed)
     scores["c2st_unigram"] = c2st(unigram, real, reference, seed, groups_b=real_cases)
-    known = reference.other_positions.isfinite()
-    if known.sum() >= 2:
-        chimeras = sample_scores.chimera_grids(reference.other_grids[known],
-                                               reference.other_positions[known], n, generator)
-        scores["c2st_chimera"] = c2st(to_uint8(run.decode(chimeras)), real, reference, seed,
-                                      groups_b=real_cases)
+    chimeras = _chimeras(run, reference, n, generator)
+    if chimeras is not None:
+        scores["c2st_chimera"] = c2st(chimeras, real, reference, seed, groups_b=real_cases)
     if reference.regressor is not None:
         regressor = reference.regressor
         scores["sample_fd_unigram"] = _frechet(regressor, unigram, real)
@@ -142,16 +140,12 @@ def real_vs_real(reference: RealReference, seed: int,
     """c2st (and, with a regressor, the Fréchet distance) between two halves of the held-out
     real slices (validation and test reconstructions), split by subject at random `splits`
     times, `per_side` slices a side: their means and sds over the splits."""
-    images = np.concatenate([reference.other, reference.reconstructions])
-    cases = np.concatenate([reference.other_cases, reference.cases])
-    subjects = np.unique(cases)
-    generator = torch.Generator().manual_seed(seed + 2)
+    images, cases = _held_out(reference)
     # every split draws from the same slices: their features once, not once per split
     feats = None if reference.regressor is None else \
         sample_scores.features(reference.regressor, images)
     accuracies, distances = [], []
-    for split in range(splits):
-        a, b = _random_halves(cases, subjects, per_side, generator)
+    for split, (a, b) in enumerate(_subject_halves(cases, splits, per_side, seed)):
         accuracies.append(c2st(images[a], images[b], reference, seed + split, cases[a],
                                cases[b]))
         if feats is not None and len(a) > 1 and len(b) > 1:
@@ -185,14 +179,11 @@ def whole_slice_scores(run: Run, reference: RealReference, train: SliceSet, seed
     grids = run.sample(blank, temperature, seed, reference.positions, top_p)
     scores = {"slice_c2st": _slice_c2st(to_uint8(run.decode(grids)), real, regressor, seed,
                                         groups_b=cases)}
-    held_out = np.concatenate([reference.other, real])
-    held_out_cases = np.concatenate([reference.other_cases, cases])
-    generator = torch.Generator().manual_seed(seed + 2)
-    accuracies = []
-    for split in range(SLICE_TEST_SPLITS):
-        a, b = _random_halves(held_out_cases, np.unique(held_out_cases), n, generator)
-        accuracies.append(_slice_c2st(held_out[a], held_out[b], regressor, seed + split,
-                                      held_out_cases[a], held_out_cases[b]))
+    held_out, held_out_cases = _held_out(reference)
+    accuracies = [_slice_c2st(held_out[a], held_out[b], regressor, seed + split,
+                              held_out_cases[a], held_out_cases[b])
+                  for split, (a, b) in enumerate(
+                      _subject_halves(held_out_cases, SLICE_TEST_SPLITS, n, seed))]
     scores.update(slice_c2st_real_vs_real=float(np.mean(accuracies)),
                   slice_c2st_real_vs_real_sd=float(np.std(accuracies)))
     generator = torch.Generator().manual_seed(seed)
@@ -236,18 +227,15 @@ def texture_scores(run: Run, reference: RealReference, samples: np.ndarray,
     n = len(samples)
     real, cases = _matched_real(reference, n, seed)  # as texture_c2st's
     generator = torch.Generator().manual_seed(seed)
-    held_out = np.concatenate([reference.other, reference.reconstructions])
-    held_out_cases = np.concatenate([reference.other_cases, reference.cases])
+    held_out, held_out_cases = _held_out(reference)
     a, b = _random_halves(held_out_cases, np.unique(held_out_cases), n, generator)
     blurred = to_uint8(ndimage.gaussian_filter(real / 255.0, (0, BLUR_SIGMA_PX, BLUR_SIGMA_PX)))
     unigram = to_uint8(run.decode(sample_scores.unigram_grids(train_grids, n, generator)))
     against_real = {"texture_c2st_blurred": (blurred, cases),
                     "texture_c2st_unigram": (unigram, None)}
-    known = reference.other_positions.isfinite()
-    if known.sum() >= 2:
-        chimeras = sample_scores.chimera_grids(reference.other_grids[known],
-                                               reference.other_positions[known], n, generator)
-        against_real["texture_c2st_chimera"] = (to_uint8(run.decode(chimeras)), None)
+    chimeras = _chimeras(run, reference, n, generator)
+    if chimeras is not None:
+        against_real["texture_c2st_chimera"] = (chimeras, None)
     scores = {"texture_c2st": texture_c2st(samples, reference, seed),
               "texture_c2st_real_vs_real": sample_scores.c2st_patch_accuracy(
                   held_out[a], held_out[b], folds=min(C2ST_FOLDS, n), seed=seed,
@@ -264,6 +252,22 @@ def texture_c2st(samples: np.ndarray, reference: RealReference, seed: int) -> fl
     real, cases = _matched_real(reference, len(samples), seed)
     return sample_scores.c2st_patch_accuracy(samples, real, folds=min(C2ST_FOLDS, len(samples)),
                                              seed=seed, groups_b=cases)
+
+
+def _held_out(reference: RealReference) -> tuple[np.ndarray, np.ndarray]:
+    """Every held-out real slice (validation and test reconstructions) and its subject."""
+    return (np.concatenate([reference.other, reference.reconstructions]),
+            np.concatenate([reference.other_cases, reference.cases]))
+
+
+def _subject_halves(cases: np.ndarray, splits: int, per_side: int,
+                    seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`splits` random splits of the subjects of `cases` in two halves: the rows of each half,
+    up to `per_side` a side, the same for a seed wherever they are drawn."""
+    subjects = np.unique(cases)
+    generator = torch.Generator().manual_seed(seed + 2)
+    for _ in range(splits):
+        yield _random_halves(cases, subjects, per_side, generator)
 
 
 def _random_halves(cases: np.ndarray, subjects: np.ndarray, per_side: int,

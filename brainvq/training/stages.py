@@ -130,11 +130,12 @@ def refuse_other_schedule(run: Path, stage: str, settings: StageSettings) -> Non
     path = checkpoint_path(run, stage, "last")
     if not path.exists():
         return
-    saved = load_checkpoint(path).get("stage_settings", asdict(settings))
-    known = {name: value for name, value in saved.items() if name in asdict(settings)}
-    changed = {name: (value, getattr(settings, name))
-               for name, value in asdict(StageSettings(**known)).items()
-               if value != getattr(settings, name)}
+    current = asdict(settings)
+    saved = load_checkpoint(path).get("stage_settings", current)
+    # a field the checkpoint predates has its default (StageSettings fills it in)
+    trained = asdict(StageSettings(**{k: v for k, v in saved.items() if k in current}))
+    changed = {name: (value, current[name]) for name, value in trained.items()
+               if value != current[name]}
     if changed:
         was = ", ".join(f"{name} {old} (now {new})" for name, (old, new) in changed.items())
         raise RunError(f"{path} was trained with {was}; resume with the flags it was trained "
@@ -290,6 +291,15 @@ def report_codebook_usage(run: Path, grids: dict[str, torch.Tensor], n_codes: in
 
 
 # ------------------------------------------------------------------------ stage 2: PixelCNN
+def prior_training_grids(indices: dict[str, Any],
+                         mirror: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's training grids (N, H, W) and their positions (N,) from a run's indices.pt;
+    with `mirror`, the training slices' mirror images follow them."""
+    splits = ("train", MIRRORED_TRAIN) if mirror else ("train",)
+    return (torch.cat([indices[s] for s in splits]),
+            torch.cat([split_positions(indices, s) for s in splits]))
+
+
 def place_prior(model: PixelCNN, device: torch.device) -> PixelCNN:
     """The prior on `device`, its weights channels-last for training."""
     # The embedded input (B, H, W, C) → (B, C, H, W) is channels-last in memory; weights in that
@@ -303,11 +313,8 @@ def train_prior(cfg: PriorConfig, settings: StageSettings, indices: dict[str, An
     run = options.run
     refuse_overwrite(run, "prior", options.overwrite, options.resume)
     cfg = PriorConfig(**{**asdict(cfg), "n_codes": indices["n_codes"]})
-    train_grids, val_grids = indices["train"], indices["validate"]
-    train_positions, val_positions = (split_positions(indices, s) for s in ("train", "validate"))
-    if settings.mirror:
-        train_grids = torch.cat([train_grids, indices[MIRRORED_TRAIN]])
-        train_positions = torch.cat([train_positions, split_positions(indices, MIRRORED_TRAIN)])
+    train_grids, train_positions = prior_training_grids(indices, settings.mirror)
+    val_grids, val_positions = indices["validate"], split_positions(indices, "validate")
     model = PixelCNN(cfg)
     if settings.embed_from_codebook:
         model.embed_like(load_checkpoint(checkpoint_path(run, "vqvae", "best"))["model"]
