@@ -322,6 +322,13 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution (B, C, H, W) → (B, C', H, W) as a matmul over channels: at the prior's
+    widths a CPU runs it, forwards and backwards, faster than its convolution kernel
+    (docs/performance.md#the-priors-training-step)."""
+    return F.linear(x.movedim(1, -1), conv.weight.flatten(1), conv.bias).movedim(-1, 1)
+
+
 def shift_down(x: torch.Tensor) -> torch.Tensor:
     """Row r receives row r−1 (row 0 receives zeros)."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
@@ -392,7 +399,7 @@ class GatedLayer(nn.Module):
         """The part of the two stacks' biases that is the same for every grid: the position
         embedding's projections (1, 2C, H, W); without an embedding, the projections' own
         biases where a condition is added (zero otherwise)."""
-        return tuple(conv(position) if position is not None
+        return tuple(pointwise(conv, position) if position is not None
                      else conv.bias.view(1, -1, 1, 1) if conditioned
                      else conv.weight.new_zeros(1, conv.out_channels, 1, 1)
                      for conv in (self.position_to_v, self.position_to_h))
@@ -414,7 +421,7 @@ class GatedLayer(nn.Module):
     def horizontal(self, h_pre: torch.Tensor, v_pre_above: torch.Tensor,
                    h: torch.Tensor) -> torch.Tensor:
         """New horizontal stack from its own conv, the vertical stack one row up and the input."""
-        h_new = self.h_out(gate(h_pre + self.v_to_h(v_pre_above)))
+        h_new = pointwise(self.h_out, gate(h_pre + pointwise(self.v_to_h, v_pre_above)))
         return h_new if self.first else h + h_new
 
 
@@ -516,7 +523,12 @@ class PixelCNN(nn.Module):
         biases = self.position_biases(*indices.shape[1:], condition, context)
         for layer, bias in zip(self.layers, biases, strict=True):
             v, h = layer(v, h, bias)
-        return self.head(h)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The last horizontal stack (B, C, H, W) → (B, K, H, W) logits: `head` (ReLU, 1×1,
+        ReLU, 1×1), its convolutions as matmuls."""
+        return pointwise(self.head[3], F.relu(pointwise(self.head[1], F.relu(h))))
 
     def bits_per_index(self, indices: torch.Tensor,
                        positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from modules import (
     PriorConfig,
     bits,
     gate,
+    pointwise,
     principal_components,
     shift_down,
 )
@@ -203,6 +204,21 @@ def test_gate_is_tanh_of_the_first_half_times_sigmoid_of_the_second():
     expected = [0.0, math.tanh(1) * 0.5, math.tanh(-1) * 1.0]
     torch.testing.assert_close(gate(x).flatten(), torch.tensor(expected, dtype=torch.float64),
                                **CLOSE)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_is_the_1x1_convolution_forwards_and_backwards(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 1, bias=bias).double()
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    out = pointwise(conv, x)
+    torch.testing.assert_close(out, expected, **CLOSE)
+    grad = torch.randn_like(out)
+    wanted = torch.autograd.grad(expected, [x, *conv.parameters()], grad)
+    got = torch.autograd.grad(out, [x, *conv.parameters()], grad)
+    for a, b in zip(got, wanted, strict=True):
+        torch.testing.assert_close(a, b, **CLOSE)
 
 
 def test_shift_down_moves_each_row_one_down_and_fills_row_zero_with_zeros():

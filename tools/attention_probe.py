@@ -88,7 +88,7 @@ class AttentionPixelCNN(PixelCNN):
             v, h = layer(v, h, bias)
             if i in self.after:
                 h = self.attention[self.after.index(i)](h)
-        return self.head(h)
+        return self.logits(h)
 
 
 def make_prior(cfg: PriorConfig, after: tuple[int, ...], codebook: torch.Tensor,

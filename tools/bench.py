@@ -1,11 +1,13 @@
 """Benchmarks, all from one command on one machine: the cached PixelCNN sampler against the naive
-one and against a single forward pass, and VQ-VAE training against a seed-style baseline.
+one and against a single forward pass, VQ-VAE training against a seed-style baseline, and the
+prior's training step with its 1×1 layers as matmuls against the same step as convolutions.
 
 Every measured piece runs in a fresh spawned process, one after another, so that each reports
 its own peak memory and no two compete for the cores.
 
     python -m tools.bench --quick              # under 3 minutes on a 2-core CPU
     python -m tools.bench                      # real naive sampling at every batch: slow
+    python -m tools.bench --part prior-step    # the prior's training step alone: a minute
     python -m tools.bench --markdown docs/bench.json   # its table, for docs/performance.md
     # on a GPU:
     python -m tools.bench --profile full --batches 1 16 64 256 --out docs/bench_gpu.json
@@ -299,6 +301,55 @@ def pixel_share(project: dict) -> float:
     return project["crops_per_image"] * side ** 2 / IMAGE_SIZE ** 2
 
 
+# --------------------------------------------------------------------- prior training step
+PRIOR_STEPS = 40  # timed steps per repeat, after as many untimed ones
+
+
+def time_prior_step(profile: str, as_convolutions: bool, seed: int, repeats: int) -> dict:
+    """Seconds per training step (forward, backward, clipping, AdamW) of the preset's prior on
+    random grids at the preset's batch; `as_convolutions`: its 1×1 layers run as nn.Conv2d
+    instead of `modules.pointwise`'s matmuls (the same weights, the same function)."""
+    from unittest import mock
+
+    import modules
+    from brainvq.training.stages import make_optimiser, prior_loss
+
+    preset = PROFILES[profile]
+    batch, cfg = preset.prior_stage.batch_size, preset.prior
+    model = random_prior(cfg, seed).train()
+    optimiser = make_optimiser(model, preset.prior_stage, device())
+    generator = torch.Generator().manual_seed(seed)
+    grids = torch.randint(cfg.n_codes, (PRIOR_STEPS, batch, GRID, GRID), generator=generator)
+    positions = torch.rand(PRIOR_STEPS, batch, generator=generator)
+
+    def steps() -> None:
+        for grid, position in zip(grids.to(device()), positions.to(device()), strict=True):
+            loss = prior_loss(model, grid, position)
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.prior_stage.grad_clip)
+            optimiser.step()
+
+    as_conv = mock.patch.object(modules, "pointwise", lambda conv, x: conv(x))
+    with as_conv if as_convolutions else contextlib.nullcontext():
+        steps()  # untimed: the first steps allocate and tune
+        seconds, _ = timed(steps, repeats)
+    return {"step_s": seconds / PRIOR_STEPS}
+
+
+def bench_prior_step(profile: str, seed: int, repeats: int = 3) -> dict:
+    """Both ways of the prior's step, each in fresh processes, alternating."""
+    runs: dict[str, list[dict]] = {"matmul": [], "convolution": []}
+    for _ in range(repeats):
+        for name in runs:
+            runs[name].append(in_fresh_process(time_prior_step, profile, name == "convolution",
+                                               seed, 1))
+    best = {name: min(r["step_s"] for r in rows) for name, rows in runs.items()}
+    return {"batch": PROFILES[profile].prior_stage.batch_size, "matmul_step_s": best["matmul"],
+            "convolution_step_s": best["convolution"],
+            "matmul_over_convolution": best["matmul"] / best["convolution"]}
+
+
 # ---------------------------------------------------------------------------------- report
 def machine(threads: int) -> dict:
     cpu = platform.processor() or platform.machine()
@@ -347,6 +398,13 @@ def render_markdown(results: dict) -> str:
         lines += ["", *_sampling_table(results["sampling"])]
     if "training" in results:
         lines += ["", *_training_table(results["training"])]
+    if "prior_step" in results:
+        step = results["prior_step"]
+        lines += ["", f"Prior training step (batch {step['batch']}, forward, backward, AdamW; "
+                      f"best of fresh processes): 1×1 layers as matmuls "
+                      f"{1000 * step['matmul_step_s']:.1f} ms, as convolutions "
+                      f"{1000 * step['convolution_step_s']:.1f} ms; ratio "
+                      f"{step['matmul_over_convolution']:.2f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -412,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extrapolate naive sampling; train 1 epoch on a subset")
     p.add_argument("--out", default="docs/bench.json", help="where to write the results")
     p.add_argument("--markdown", metavar="JSON", help="print JSON's Performance table and exit")
-    p.add_argument("--part", choices=["all", "sampling", "training"], default="all")
+    p.add_argument("--part", choices=["all", "sampling", "training", "prior-step"], default="all")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--epochs", type=int, help="training epochs (default: 1 quick, 2 full)")
     p.add_argument("--threads", type=int, default=1,
@@ -452,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         root = build_demo_dataset(demo_root())
         epochs = args.epochs or (1 if args.quick else 2)
         results["training"] = bench_training(root, args.quick, epochs, args.seed, args.profile)
+    if args.part in ("all", "prior-step"):
+        results["prior_step"] = bench_prior_step(args.profile, args.seed)
+        print(f"prior step: ratio {results['prior_step']['matmul_over_convolution']:.2f}",
+              flush=True)
     results["targets"] = {**TARGETS, "met": targets_met(results)}
     results["wall_s"] = time.perf_counter() - started
     write_json(results, Path(args.out))
