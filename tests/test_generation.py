@@ -151,6 +151,10 @@ class SamplingGridRun(GridRun):
         self.asked.append(positions)
         return torch.full_like(indices, 3)
 
+    def generate(self, positions, temperature, seed, top_p=1.0):
+        return self.sample(torch.full((len(positions), 8, 8), -1), temperature, seed, positions,
+                           top_p)
+
 
 def test_whole_slice_test_generates_at_every_test_level_and_scores_each_case(monkeypatch):
     reference = _reference(np.random.default_rng(0))

@@ -34,16 +34,14 @@ from brainvq.checkpoints import (
     split_positions,
 )
 from brainvq.cli import script_parser
-from brainvq.config import DEFAULT_RUN, PROFILES
+from brainvq.config import DEFAULT_RUN, PROFILES, StageSettings
 from brainvq.data.slices import to_unit
 from brainvq.evaluation.run_metrics import mostly_brain_sites
 from brainvq.inference.trained_run import surprise_bits
 from brainvq.io_utils import RunError, write_json
-from brainvq.training.stages import place_prior, prior_training_grids
+from brainvq.training.stages import place_prior, prior_loss, prior_training_grids
 from dataset import DatasetError, load_splits
-from modules import PixelCNN, PriorConfig, bits
-
-WARMUP_STEPS = 100  # the presets' linear warm-up of the learning rate
+from modules import PixelCNN, PriorConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -99,27 +97,27 @@ def make_prior(cfg: PriorConfig, after: tuple[int, ...], codebook: torch.Tensor,
     return place_prior(model, torch.device("cpu"))
 
 
-def train(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, lr: float,
-          batch_size: int, steps: int | None = None, seconds: float | None = None
-          ) -> tuple[int, float]:
-    """AdamW, random batches, gradient clipping, and the presets' warm-up then a cosine decay over
-    `steps`, or over `seconds` of wall-clock time (so that every variant gets the same CPU time
-    whatever its step costs). Returns the steps taken and the seconds they took."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
+def train(model: PixelCNN, grids: torch.Tensor, positions: torch.Tensor, stage: StageSettings,
+          steps: int | None = None, seconds: float | None = None) -> tuple[int, float]:
+    """AdamW at the stage's learning rate, random batches of its size, its gradient clipping and
+    warm-up, then a cosine decay over `steps`, or over `seconds` of wall-clock time (so that every
+    variant gets the same CPU time whatever its step costs). Returns the steps taken and the
+    seconds they took."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=stage.lr)
     generator = torch.Generator().manual_seed(0)
     start, step = time.perf_counter(), 0
     while True:
         done = step / steps if steps is not None else (time.perf_counter() - start) / seconds
         if done >= 1:
             return step, time.perf_counter() - start
-        warmup = min(1.0, (step + 1) / WARMUP_STEPS)
+        warmup = min(1.0, (step + 1) / stage.warmup_steps)
         for group in optimiser.param_groups:
-            group["lr"] = lr * warmup * 0.5 * (1 + math.cos(math.pi * done))
-        batch = torch.randint(0, len(grids), (batch_size,), generator=generator)
-        loss = bits(model(grids[batch], positions[batch]), grids[batch], reduction="mean")
+            group["lr"] = stage.lr * warmup * 0.5 * (1 + math.cos(math.pi * done))
+        batch = torch.randint(0, len(grids), (stage.batch_size,), generator=generator)
+        loss = prior_loss(model, grids[batch], positions[batch])
         optimiser.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
         optimiser.step()
         step += 1
 
@@ -163,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, after, causal in variants:
         model = make_prior(cfg, after, codebook, causal)
-        steps, seconds = train(model, grids, positions, stage.lr, stage.batch_size,
-                               args.steps, None if args.steps else args.seconds)
+        steps, seconds = train(model, grids, positions, stage, args.steps,
+                               None if args.steps else args.seconds)
         rows.append({"variant": name, "steps": steps, "seconds": round(seconds, 1),
                      "ms_per_step": round(1000 * seconds / max(steps, 1), 1),
                      **validation_bits(model, *val, brain)})

@@ -302,10 +302,10 @@ def pixel_share(project: dict) -> float:
 
 
 # --------------------------------------------------------------------- prior training step
-PRIOR_STEPS = 40  # timed steps per repeat, after as many untimed ones
+PRIOR_STEPS = 40  # timed steps per process, after as many untimed ones
 
 
-def time_prior_step(profile: str, as_convolutions: bool, seed: int, repeats: int) -> dict:
+def time_prior_step(profile: str, as_convolutions: bool, seed: int) -> dict:
     """Seconds per training step (forward, backward, clipping, AdamW) of the preset's prior on
     random grids at the preset's batch; `as_convolutions`: its 1×1 layers run as nn.Conv2d
     instead of `modules.pointwise`'s matmuls (the same weights, the same function)."""
@@ -333,7 +333,7 @@ def time_prior_step(profile: str, as_convolutions: bool, seed: int, repeats: int
     as_conv = mock.patch.object(modules, "pointwise", lambda conv, x: conv(x))
     with as_conv if as_convolutions else contextlib.nullcontext():
         steps()  # untimed: the first steps allocate and tune
-        seconds, _ = timed(steps, repeats)
+        seconds, _ = timed(steps)
     return {"step_s": seconds / PRIOR_STEPS}
 
 
@@ -343,7 +343,7 @@ def bench_prior_step(profile: str, seed: int, repeats: int = 3) -> dict:
     for _ in range(repeats):
         for name in runs:
             runs[name].append(in_fresh_process(time_prior_step, profile, name == "convolution",
-                                               seed, 1))
+                                               seed))
     best = {name: min(r["step_s"] for r in rows) for name, rows in runs.items()}
     return {"batch": PROFILES[profile].prior_stage.batch_size, "matmul_step_s": best["matmul"],
             "convolution_step_s": best["convolution"],

@@ -95,7 +95,7 @@ def generated_slices(run: Run, reference: RealReference, n: int, seed: int,
     """n uint8 brains (n, H, W) generated at levels drawn from the test slices' (as
     `sample_positions`), and those levels (n,)."""
     positions = sample_positions(reference, n, seed)
-    grids = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions, top_p)
+    grids = run.generate(positions, temperature, seed, top_p)
     return to_uint8(run.decode(grids)), positions
 
 
@@ -175,8 +175,7 @@ def whole_slice_scores(run: Run, reference: RealReference, train: SliceSet, seed
         encoder=sample_scores.slice_encoder)
     real, cases = reference.reconstructions, reference.cases
     n = len(real)
-    blank = torch.full((n, *reference.other_grids.shape[1:]), -1)  # the code grid's shape
-    grids = run.sample(blank, temperature, seed, reference.positions, top_p)
+    grids = run.generate(reference.positions, temperature, seed, top_p)
     scores = {"slice_c2st": _slice_c2st(to_uint8(run.decode(grids)), real, regressor, seed,
                                         groups_b=cases)}
     held_out, held_out_cases = _held_out(reference)

@@ -39,7 +39,7 @@ def figure_generated(run: Run, positions: torch.Tensor, temperature: float, seed
                      out: Path, top_p: float = 1.0) -> None:
     """Brains generated from scratch at relative slice `positions` (n,)."""
     start, n = time.time(), len(positions)
-    indices = run.sample(torch.full((n, 32, 32), -1), temperature, seed, positions, top_p)
+    indices = run.generate(positions, temperature, seed, top_p)
     brains = run.decode(indices)
     print(f"generated {n} brains in {time.time() - start:.1f}s")
     per_row = min(n, 4)
@@ -53,8 +53,7 @@ def figure_generated_stack(run: Run, temperature: float, seed: int, path: Path,
     """One generated brain per relative slice position, from the lowest level (0, cerebellum)
     to the highest (1, vertex), two draws each."""
     positions = torch.linspace(0, 1, levels).repeat(2)
-    brains = run.decode(run.sample(torch.full((2 * levels, 32, 32), -1), temperature, seed,
-                                   positions, top_p))
+    brains = run.decode(run.generate(positions, temperature, seed, top_p))
     save_grid([list(brains[:levels]), list(brains[levels:])], path,
               col_titles=[f"position {p:.2f}" for p in positions[:levels].tolist()])
 
@@ -78,8 +77,7 @@ def figure_generated_beside_real(run: Run, images: torch.Tensor, positions: torc
     """Reconstructions of real slices (N, H, W) in the top row; below each, two brains
     generated at its relative slice position (N,): what a whole-slice test compares."""
     n = len(images)
-    generated = run.decode(run.sample(torch.full((2 * n, 32, 32), -1), temperature, seed,
-                                      positions.repeat(2), top_p))
+    generated = run.decode(run.generate(positions.repeat(2), temperature, seed, top_p))
     real = run.decode(run.encode(images))
     save_grid([list(real), list(generated[:n]), list(generated[n:])], path,
               col_titles=[f"position {p:.2f}" for p in positions.tolist()],

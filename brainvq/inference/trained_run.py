@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from brainvq.checkpoints import checkpoint_path, load_prior, load_vqvae
 from brainvq.config import InpaintSettings
+from brainvq.data.slices import IMAGE_SIZE
 from brainvq.data.volumes import VOLUME_SPACING_MM
 from brainvq.distributed import all_reduce_sum, shard
 from brainvq.inference.cuda_graph import sample_with_cuda_graph
@@ -111,6 +112,14 @@ class Run:
         where = None if positions is None else positions.to(self.device)
         return draw(self.prior, indices.to(self.device), temperature, generator,
                     method=self.sampler, positions=where, top_p=top_p).cpu()
+
+    def generate(self, positions: torch.Tensor, temperature: float, seed: int,
+                 top_p: float = 1.0) -> torch.Tensor:
+        """(n,) relative slice positions → n code grids (n, 32, 32) drawn from scratch, one at
+        each position."""
+        side = IMAGE_SIZE // self.vqvae.cfg.downsampling
+        return self.sample(torch.full((len(positions), side, side), -1), temperature, seed,
+                           positions, top_p)
 
     def inpaint(self, indices: torch.Tensor, seed: int, settings: InpaintSettings,
                 positions: torch.Tensor | None = None) -> Fills:
