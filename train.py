@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     override.add_argument("--n-codes", type=int, help="codebook size K")
     override.add_argument("--embedding-dim", type=int, help="code dimension D")
     override.add_argument("--beta", type=float, help="commitment loss weight")
+    override.add_argument("--vqvae-widths", type=int, nargs=3, metavar="C",
+                          help="the VQ-VAE's widths after each stride-2 stage (256→128→64→32)")
+    override.add_argument("--res-blocks", type=int,
+                          help="residual blocks at the 32×32 level, in encoder and decoder each")
+    override.add_argument("--ssim-weight", type=float,
+                          help="weight of the VQ-VAE's (1 − SSIM) loss term")
     override.add_argument("--vqvae-lr", type=float)
     override.add_argument("--prior-lr", type=float)
     override.add_argument("--prior-channels", type=int, help="the prior's width C")

@@ -52,6 +52,16 @@ def test_flags_override_the_profile():
     assert resolve_profile(args).vqvae.hidden == PROFILES["demo"].vqvae.hidden
 
 
+def test_vqvae_shape_flags_override_the_profile():
+    args = parse_args(["--vqvae-widths", "16", "32", "96", "--res-blocks", "1",
+                       "--ssim-weight", "3"])
+    profile = resolve_profile(args)
+    assert profile.vqvae.hidden == (16, 32, 96) and profile.vqvae.n_res_blocks == 1
+    assert profile.vqvae_stage.ssim_weight == 3.0
+    assert profile.vqvae.n_codes == PROFILES["demo"].vqvae.n_codes
+    assert PROFILES["demo"].vqvae.hidden != (16, 32, 96)  # the preset itself is left as it was
+
+
 def test_prior_mirror_flag_turns_the_presets_mirroring_on_and_off():
     presets = {name: PROFILES[name].prior_stage.mirror for name in ("demo", "tiny")}
     for name, preset in presets.items():
