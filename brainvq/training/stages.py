@@ -72,10 +72,21 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator,
     `lattice`), at least `margin` pixels in from the frame, where there is only background."""
     if not size or size >= images.shape[-1]:
         return images
-    highest = (images.shape[-1] - size - margin) // lattice
-    offsets = torch.randint(margin // lattice, highest + 1, (len(images), 2),
-                            generator=generator) * lattice
-    return torch.stack([img[i:i + size, j:j + size]
+    offsets = crop_offsets(len(images), images.shape[-1], size, generator, margin, lattice)
+    return crop_at(images, offsets, size)
+
+
+def crop_offsets(n: int, side: int, size: int, generator: torch.Generator, margin: int = 16,
+                 lattice: int = 8) -> torch.Tensor:
+    """(n, 2) random top-left corners of size × size crops of side × side images, multiples of
+    `lattice` at least `margin` pixels in from the frame."""
+    highest = (side - size - margin) // lattice
+    return torch.randint(margin // lattice, highest + 1, (n, 2), generator=generator) * lattice
+
+
+def crop_at(images: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, ..., H, W) → (B, ..., size, size): item b cut at offsets[b] = (row, column)."""
+    return torch.stack([img[..., i:i + size, j:j + size]
                         for img, (i, j) in zip(images, offsets.tolist(), strict=True)])
 
 
@@ -164,7 +175,15 @@ def vqvae_losses(model: torch.nn.Module, x: torch.Tensor, settings: StageSetting
     out = model(x)
     reconstruction = at_least_fp32(out.reconstruction)
     recon = F.mse_loss(reconstruction, x)
-    loss = recon + out.vq_loss
+    loss = with_image_terms(recon + out.vq_loss, reconstruction, x, settings, norm)
+    return {"loss": loss, "recon": recon, "codebook": out.codebook_loss,
+            "commitment": out.commitment_loss}
+
+
+def with_image_terms(loss: torch.Tensor, reconstruction: torch.Tensor, x: torch.Tensor,
+                     settings: StageSettings, norm: Normalisation) -> torch.Tensor:
+    """`loss` plus the L1 and (1 − SSIM) terms that `settings` weigh, of a (B, 1, H, W)
+    reconstruction (at least fp32) of the normalised images x."""
     if settings.l1_weight:
         loss = loss + settings.l1_weight * F.l1_loss(reconstruction, x)
     if settings.ssim_weight:
@@ -173,8 +192,7 @@ def vqvae_losses(model: torch.nn.Module, x: torch.Tensor, settings: StageSetting
         reference, image = (t * norm.std + norm.mean for t in (x, reconstruction))
         similarity = ssim_torch(reference, image)
         loss = loss + settings.ssim_weight * (1 - similarity)
-    return {"loss": loss, "recon": recon, "codebook": out.codebook_loss,
-            "commitment": out.commitment_loss}
+    return loss
 
 
 @torch.no_grad()
