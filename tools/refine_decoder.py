@@ -12,6 +12,7 @@ reconstruction scores before and after; `predict.py --run OUT` then decodes with
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import replace
@@ -52,7 +53,7 @@ def refine(model: VQVAE, grids: torch.Tensor, images: torch.Tensor, norm: Normal
     down = model.cfg.downsampling
     size = settings.crop if 0 < settings.crop < images.shape[-1] else images.shape[-1]
     n = len(images) * settings.crops_per_image
-    steps_per_epoch = n // settings.batch_size
+    steps_per_epoch = math.ceil(n / settings.batch_size)
     schedule = warmup_cosine(optimiser, settings.epochs * steps_per_epoch, settings.warmup_steps)
     generator = torch.Generator().manual_seed(seed)
     model.eval()  # the quantiser must not move its codebook
@@ -61,7 +62,7 @@ def refine(model: VQVAE, grids: torch.Tensor, images: torch.Tensor, norm: Normal
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator) % len(images)
         total = 0.0
-        for batch in order[: steps_per_epoch * settings.batch_size].split(settings.batch_size):
+        for batch in order.split(settings.batch_size):
             offsets = (crop_offsets(len(batch), images.shape[-1], size, generator)
                        if size < images.shape[-1] else torch.zeros(len(batch), 2, dtype=torch.long))
             x = to_model_input(crop_at(images[batch], offsets, size), norm, device)
