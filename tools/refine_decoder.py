@@ -27,7 +27,7 @@ from brainvq.config import DEFAULT_RUN, StageSettings
 from brainvq.data.slices import to_unit
 from brainvq.distributed import DEVICES, choose_device
 from brainvq.evaluation.metrics import batch_scores, mean_scores
-from brainvq.inference.trained_run import encode_images, to_model_input, vqvae_batch
+from brainvq.inference.trained_run import decode_indices, encode_images, to_model_input
 from brainvq.io_utils import RunError, save_checkpoint
 from brainvq.training.stages import (
     crop_at,
@@ -82,14 +82,11 @@ def refine(model: VQVAE, grids: torch.Tensor, images: torch.Tensor, norm: Normal
     return losses
 
 
-@torch.no_grad()
 def reconstruction_scores(model: VQVAE, grids: torch.Tensor, images: torch.Tensor,
                           norm: Normalisation) -> dict[str, float]:
     """Mean SSIM, in-brain SSIM and PSNR of the slices `images` decoded from their `grids`."""
-    device = next(model.parameters()).device
-    decoded = torch.cat([model.indices_to_image(g.to(device).long()).float().cpu()
-                         for g in grids.split(vqvae_batch(device))])
-    rows = batch_scores(torch.from_numpy(to_unit(images)), norm.denormalise(decoded))
+    decoded = decode_indices(model, grids, norm, next(model.parameters()).device)
+    rows = batch_scores(torch.from_numpy(to_unit(images)), torch.from_numpy(decoded))
     return {k: v for k, v in mean_scores(rows).items() if k in SCORES}
 
 

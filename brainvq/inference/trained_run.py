@@ -55,6 +55,15 @@ def encode_images(model: VQVAE, images: torch.Tensor, norm: Normalisation,
     return torch.cat(out).to(torch.int16)
 
 
+@torch.no_grad()
+def decode_indices(model: VQVAE, indices: torch.Tensor, norm: Normalisation,
+                   device: torch.device) -> np.ndarray:
+    """(B, 32, 32) indices → (B, 256, 256) images in [0, 1]."""
+    images = [model.indices_to_image(b.to(device).long()).float().cpu()
+              for b in indices.split(vqvae_batch(device))]
+    return norm.denormalise(torch.cat(images))[:, 0].numpy()
+
+
 def draw(prior: PixelCNN, indices: torch.Tensor, temperature: float,
          generator: torch.Generator | None, method: str = "fast",
          positions: torch.Tensor | None = None, top_p: float = 1.0) -> torch.Tensor:
@@ -97,12 +106,9 @@ class Run:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return encode_images(self.vqvae, images, self.norm, self.device).long()
 
-    @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> np.ndarray:
         """(B, 32, 32) indices → (B, 256, 256) images in [0, 1]."""
-        images = [self.vqvae.indices_to_image(b.to(self.device)).float().cpu()
-                  for b in indices.split(vqvae_batch(self.device))]
-        return self.norm.denormalise(torch.cat(images))[:, 0].numpy()
+        return decode_indices(self.vqvae, indices, self.norm, self.device)
 
     def sample(self, indices: torch.Tensor, temperature: float, seed: int,
                positions: torch.Tensor | None = None, top_p: float = 1.0) -> torch.Tensor:
