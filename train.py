@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="weight of the VQ-VAE's (1 − SSIM) loss term")
     override.add_argument("--vqvae-lr", type=float)
     override.add_argument("--prior-lr", type=float)
+    override.add_argument("--prior-lr-decay", choices=config.LR_DECAYS,
+                          help="the prior's learning rate after its warm-up, down to zero")
     override.add_argument("--prior-channels", type=int, help="the prior's width C")
     override.add_argument("--prior-mirror", action=argparse.BooleanOptionalAction,
                           help="also train the prior on the mirror image of every training "

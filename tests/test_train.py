@@ -1,11 +1,17 @@
 import copy
 
+import pytest
 import torch
 
 from brainvq.config import PROFILES, StageSettings
 from brainvq.evaluation.metrics import ssim_torch
 from brainvq.training.engine import epoch_batches
-from brainvq.training.stages import make_optimiser, random_crops, vqvae_losses
+from brainvq.training.stages import (
+    make_optimiser,
+    random_crops,
+    vqvae_losses,
+    warmup_then_decay,
+)
 from dataset import Normalisation
 from modules import VQVAE, PixelCNN, PriorConfig
 from train import parse_args, resolve_profile
@@ -103,3 +109,43 @@ def test_cpu_optimiser_steps_equal_the_per_tensor_loop_bit_for_bit():
     assert optimisers[0].defaults["foreach"] and not optimisers[1].defaults["foreach"]
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _learning_rates(decay: str, total: int = 110, warmup: int = 10) -> list[float]:
+    optimiser = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_then_decay(optimiser, total, warmup, decay)
+    rates = []
+    for _ in range(total):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    return rates
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_learning_rate_warms_up_then_decays_to_zero(decay):
+    rates = _learning_rates(decay)
+    assert rates[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:-1], rates[11:], strict=True))
+    assert rates[-1] < 0.02
+
+
+def test_linear_decay_falls_by_equal_steps():
+    linear, cosine = _learning_rates("linear"), _learning_rates("cosine")
+    steps = [a - b for a, b in zip(linear[10:-1], linear[11:], strict=True)]
+    assert max(steps) == pytest.approx(min(steps)) == pytest.approx(0.01)
+    assert linear[35] == pytest.approx(0.75) and cosine[35] == pytest.approx(0.8536, abs=1e-4)
+    assert linear[85] == pytest.approx(0.25) and cosine[85] == pytest.approx(0.1464, abs=1e-4)
+
+
+def test_an_unknown_decay_is_refused():
+    with pytest.raises(ValueError, match="lr_decay"):
+        StageSettings(epochs=1, batch_size=1, lr=1.0, lr_decay="step")
+
+
+def test_prior_lr_decay_flag_overrides_the_preset():
+    profile = resolve_profile(parse_args(["--prior-lr-decay", "cosine"]))
+    assert PROFILES["demo"].prior_stage.lr_decay == "linear"
+    assert profile.prior_stage.lr_decay == "cosine"
+    assert profile.vqvae_stage.lr_decay == "cosine"

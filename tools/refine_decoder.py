@@ -33,7 +33,7 @@ from brainvq.training.stages import (
     crop_at,
     crop_offsets,
     make_optimiser,
-    warmup_cosine,
+    warmup_then_decay,
     with_image_terms,
 )
 from dataset import Normalisation
@@ -54,7 +54,8 @@ def refine(model: VQVAE, grids: torch.Tensor, images: torch.Tensor, norm: Normal
     size = settings.crop if 0 < settings.crop < images.shape[-1] else images.shape[-1]
     n = len(images) * settings.crops_per_image
     steps_per_epoch = math.ceil(n / settings.batch_size)
-    schedule = warmup_cosine(optimiser, settings.epochs * steps_per_epoch, settings.warmup_steps)
+    schedule = warmup_then_decay(optimiser, settings.epochs * steps_per_epoch,
+                                 settings.warmup_steps, settings.lr_decay)
     generator = torch.Generator().manual_seed(seed)
     model.eval()  # the quantiser must not move its codebook
     model.decoder.to(memory_format=CHANNELS_LAST).train()  # as the VQ-VAE stage trains it

@@ -90,15 +90,18 @@ def crop_at(images: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Ten
                         for img, (i, j) in zip(images, offsets.tolist(), strict=True)])
 
 
-def warmup_cosine(optimiser: torch.optim.Optimizer, total_steps: int,
-                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_then_decay(optimiser: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                      decay: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warm-up, then a cosine or linear decay to zero at `total_steps`."""
     warmup = max(1, min(warmup_steps, total_steps // 10))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
@@ -155,14 +158,15 @@ def refuse_other_schedule(run: Path, stage: str, settings: StageSettings) -> Non
 
 def make_stage(name: str, model: torch.nn.Module, settings: StageSettings, n_samples: int,
                options: RunOptions, device: torch.device, **parts: Any) -> engine.Stage:
-    """An `engine.Stage` with AdamW and a warm-up + cosine schedule over all its steps."""
+    """An `engine.Stage` with AdamW and a warm-up, then the settings' decay, over all its steps."""
     if options.compile:
         compile_for_training(model)
     optimiser = make_optimiser(model, settings, device)
     steps = settings.epochs * math.ceil(n_samples / settings.batch_size)
     return engine.Stage(
         name=name, model=data_parallel(model, device), optimiser=optimiser,
-        scheduler=warmup_cosine(optimiser, steps, settings.warmup_steps),
+        scheduler=warmup_then_decay(optimiser, steps, settings.warmup_steps,
+                                    settings.lr_decay),
         epochs=settings.epochs, n_samples=n_samples, batch_size=settings.batch_size,
         seed=options.seed, grad_clip=settings.grad_clip,
         checkpoint_every=options.checkpoint_every,
