@@ -317,25 +317,34 @@ class PriorConfig:
                              f"{self.slice_bins}")
 
 
-def gate(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=1)
+def gate(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """tanh of the first half of the channels (along `dim`) times the sigmoid of the second."""
+    a, b = x.chunk(2, dim=dim)
     return torch.tanh(a) * torch.sigmoid(b)
 
 
 def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution (B, C, H, W) → (B, C', H, W) as a matmul over channels: at the prior's
-    widths a CPU runs it, forwards and backwards, faster than its convolution kernel
+    """A 1×1 convolution of channels-last features (..., C) → (..., C') as a matmul: at the
+    prior's widths a CPU runs it, forwards and backwards, faster than its convolution kernel
     (docs/performance.md#the-priors-training-step)."""
-    return F.linear(x.movedim(1, -1), conv.weight.flatten(1), conv.bias).movedim(-1, 1)
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` of (B, H, W, C) features → (B, H', W', C'). The convolution reads and writes
+    channels-last memory, so both permutes are views, not copies."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 def shift_down(x: torch.Tensor) -> torch.Tensor:
-    """Row r receives row r−1 (row 0 receives zeros)."""
-    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+    """(B, H, W, C): row r receives row r−1 (row 0 receives zeros)."""
+    return F.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1]
 
 
 class GatedLayer(nn.Module):
-    """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot.
+    """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot, on
+    channels-last (B, H, W, C) stacks: the layout in which a CPU runs the prior's training step
+    fastest (docs/performance.md#the-priors-training-step).
 
     The vertical stack at row r sees rows ≤ r; it reaches the horizontal stack shifted one row
     down, so the horizontal stack at (r, c) sees rows < r plus row r at columns ≤ c. In the
@@ -371,16 +380,20 @@ class GatedLayer(nn.Module):
 
     def forward(self, v: torch.Tensor, h: torch.Tensor,
                 bias: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`bias`: this layer's position biases for the vertical and horizontal stacks."""
-        v_pre = self.vertical(F.pad(v, (self.reach, self.reach, self.reach, 0))) + bias[0]
-        h_pre = self.h_conv(F.pad(h, (self.h_pad, 0, 0, 0))[..., : h.shape[-1] + self.reach])
-        return gate(v_pre), self.horizontal(h_pre + bias[1], shift_down(v_pre), h)
+        """(B, H, W, C) vertical and horizontal stacks → the next layer's; `bias`: this layer's
+        biases for the two stacks (`position_bias`)."""
+        r = self.reach
+        v_pre = conv_channels_last(self.v_conv, F.pad(v, (0, 0, r, r, r, 0))) + bias[0]
+        h_in = F.pad(h, (0, 0, self.h_pad, 0))[:, :, : h.shape[2] + r]
+        h_pre = conv_channels_last(self.h_conv, h_in) + bias[1]
+        h_new = pointwise(self.h_out, gate(h_pre + pointwise(self.v_to_h, shift_down(v_pre))))
+        return gate(v_pre), h_new if self.first else h + h_new
 
     def position_bias(self, position: torch.Tensor | None, condition: torch.Tensor | None = None,
                       context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, C, H, W) position embedding, (B, C, 1, 1) slice condition and (1 or B, C', H, W)
+        """(1, H, W, C) position embedding, (B, 1, 1, C) slice condition and (1 or B, H, W, C')
         context features, any may be None → biases with 2C channels for the two stacks,
-        broadcastable to (B, 2C, H, W)."""
+        broadcastable to (B, H, W, 2C)."""
         bias = self.static_bias(position, conditioned=condition is not None)
         for terms in (self.condition_bias(condition), self.context_bias(context)):
             if terms is not None:
@@ -389,40 +402,30 @@ class GatedLayer(nn.Module):
 
     def context_bias(self, context: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(1 or B, C', H, W) context features → their (1 or B, 2C, H, W) terms in the biases."""
+        """(1 or B, H, W, C') context features → their (1 or B, H, W, 2C) terms in the biases."""
         if context is None or self.context_to_v is None:
             return None
-        return self.context_to_v(context), self.context_to_h(context)
+        return pointwise(self.context_to_v, context), pointwise(self.context_to_h, context)
 
     def static_bias(self, position: torch.Tensor | None, conditioned: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The part of the two stacks' biases that is the same for every grid: the position
-        embedding's projections (1, 2C, H, W); without an embedding, the projections' own
+        embedding's projections (1, H, W, 2C); without an embedding, the projections' own
         biases where a condition is added (zero otherwise)."""
         return tuple(pointwise(conv, position) if position is not None
-                     else conv.bias.view(1, -1, 1, 1) if conditioned
-                     else conv.weight.new_zeros(1, conv.out_channels, 1, 1)
+                     else conv.bias.view(1, 1, 1, -1) if conditioned
+                     else conv.weight.new_zeros(1, 1, 1, conv.out_channels)
                      for conv in (self.position_to_v, self.position_to_h))
 
     def condition_bias(self, condition: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B, C, 1, 1) slice condition → its (B, 2C, 1, 1) terms in the two stacks' biases.
+        """(B, 1, 1, C) slice condition → its (B, 1, 1, 2C) terms in the two stacks' biases.
         The projections are linear, so the condition is projected once per grid, not added to
         the position embedding and projected at every site."""
         if condition is None:
             return None
-        return tuple(F.conv2d(condition, conv.weight)
+        return tuple(F.linear(condition, conv.weight.flatten(1))
                      for conv in (self.position_to_v, self.position_to_h))
-
-    def vertical(self, v_padded: torch.Tensor) -> torch.Tensor:
-        """Vertical pre-activations (B, 2C, rows, W) from input padded above and at the sides."""
-        return self.v_conv(v_padded)
-
-    def horizontal(self, h_pre: torch.Tensor, v_pre_above: torch.Tensor,
-                   h: torch.Tensor) -> torch.Tensor:
-        """New horizontal stack from its own conv, the vertical stack one row up and the input."""
-        h_new = pointwise(self.h_out, gate(h_pre + pointwise(self.v_to_h, v_pre_above)))
-        return h_new if self.first else h + h_new
 
 
 def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -456,7 +459,7 @@ class PixelCNN(nn.Module):
 
     def slice_condition(self, positions: torch.Tensor | None,
                         batch: int) -> torch.Tensor | None:
-        """(B,) relative slice positions in [0, 1] (NaN: unknown) → (B, C, 1, 1) conditioning
+        """(B,) relative slice positions in [0, 1] (NaN: unknown) → (B, 1, 1, C) conditioning
         vectors; None for an unconditioned prior."""
         if self.slice_embedding is None:
             return None
@@ -469,32 +472,33 @@ class PixelCNN(nn.Module):
         weight = (scaled - low)[:, None]
         vectors = table[low] * (1 - weight) + table[low + 1] * weight
         vectors = torch.where(positions.isfinite()[:, None], vectors, table[bins])
-        return vectors[:, :, None, None]
+        return vectors[:, None, None, :]
 
     def position_biases(self, height: int, width: int, condition: torch.Tensor | None = None,
                         context: torch.Tensor | None = None
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (vertical, horizontal) biases for a height × width grid: the per-site
-        position embedding plus the slice condition (B, C, 1, 1) and the context's features,
-        if any; `context` (B, H, W): given indices, −1 hidden (None: the plain prior)."""
+        """Each layer's (vertical, horizontal) biases for a height × width grid, channels last:
+        the per-site position embedding plus the slice condition (B, 1, 1, C) and the context's
+        features, if any; `context` (B, H, W): given indices, −1 hidden (None: the plain
+        prior)."""
         position = self.position_grid(height, width)
         features = self.context_features(context)
         return [layer.position_bias(position, condition, features) for layer in self.layers]
 
     def context_features(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, H, W) given indices (−1: hidden) → (B, C', H, W) features of the context encoder;
+        """(B, H, W) given indices (−1: hidden) → (B, H, W, C') features of the context encoder;
         None without a context or an encoder (the plain prior)."""
         if context is None or self.context_encoder is None:
             return None
-        return self.context_encoder(context)
+        return self.context_encoder(context).permute(0, 2, 3, 1)
 
     def position_grid(self, height: int, width: int) -> torch.Tensor | None:
-        """The learned per-site embedding (1, C, height, width), or None without one."""
+        """The learned per-site embedding (1, height, width, C), or None without one."""
         if self.position is None:
             return None
         if height > self.position.shape[2] or width > self.position.shape[3]:
             raise ValueError(f"grid {height}×{width} exceeds grid_size {self.cfg.grid_size}")
-        return self.position[:, :, :height, :width]
+        return self.position[:, :, :height, :width].permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def embed_like(self, codebook: torch.Tensor) -> None:
@@ -517,16 +521,15 @@ class PixelCNN(nn.Module):
         the logits at a site see earlier sites and the context only. Given a context, only the
         logits at its hidden sites mean anything: the prior learnt nothing about the given
         ones."""
-        x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
-        v, h = x, x
+        v = h = self.embedding(indices)  # (B, H, W, C)
         condition = self.slice_condition(positions, len(indices))
         biases = self.position_biases(*indices.shape[1:], condition, context)
         for layer, bias in zip(self.layers, biases, strict=True):
             v, h = layer(v, h, bias)
-        return self.logits(h)
+        return self.logits(h).permute(0, 3, 1, 2)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The last horizontal stack (B, C, H, W) → (B, K, H, W) logits: `head` (ReLU, 1×1,
+        """The last horizontal stack (B, H, W, C) → (B, H, W, K) logits: `head` (ReLU, 1×1,
         ReLU, 1×1), its convolutions as matmuls."""
         return pointwise(self.head[3], F.relu(pointwise(self.head[1], F.relu(h))))
 
@@ -566,7 +569,11 @@ class ContextEncoder(nn.Module):
 def bits(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """(B, K, H, W) logits, (B, H, W) indices → −log₂ p(index) at every site, (B, H, W): the
     prior's surprise; with reduction="mean", their mean: the prior's loss."""
-    return F.cross_entropy(logits, indices, reduction=reduction) / math.log(2)
+    # over (B·H·W, K) rows: the prior's logits are a channels-last view (PixelCNN.forward)
+    n_codes = logits.shape[1]
+    nats = F.cross_entropy(logits.movedim(1, -1).reshape(-1, n_codes), indices.reshape(-1),
+                           reduction=reduction)
+    return (nats if reduction != "none" else nats.view(indices.shape)) / math.log(2)
 
 
 def principal_components(x: torch.Tensor, n: int) -> torch.Tensor:

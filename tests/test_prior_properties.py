@@ -90,10 +90,10 @@ def test_slice_condition_interpolates_its_table_linearly_and_nan_is_the_last_row
     table = model.slice_embedding.weight.detach()
     positions = [0.0, 0.1, 0.25, 0.5, 0.6, 0.99, 1.0, 1.4, -0.3, NAN]
     got = model.slice_condition(torch.tensor(positions, dtype=torch.float64), len(positions))
-    assert got.shape == (len(positions), 6, 1, 1)
+    assert got.shape == (len(positions), 1, 1, 6)
     expected = torch.stack([condition_by_hand(table, bins, p) for p in positions])
-    torch.testing.assert_close(got[:, :, 0, 0], expected, **CLOSE)
-    unknown = model.slice_condition(None, 3)[:, :, 0, 0]
+    torch.testing.assert_close(got[:, 0, 0], expected, **CLOSE)
+    unknown = model.slice_condition(None, 3)[:, 0, 0]
     torch.testing.assert_close(unknown, table[bins].expand(3, -1), **CLOSE)
 
 
@@ -123,23 +123,25 @@ def test_projecting_the_condition_once_equals_adding_it_before_the_projection(gr
     model = make_prior(slice_bins=4, grid_size=grid_size)
     condition = model.slice_condition(torch.tensor([0.3, NAN], dtype=torch.float64), 2)
     position = model.position_grid(5, 7)
-    base = position if position is not None else torch.zeros(1, 6, 1, 1, dtype=torch.float64)
+    base = position if position is not None else torch.zeros(1, 1, 1, 6, dtype=torch.float64)
     for layer in model.layers:
         projections = (layer.position_to_v, layer.position_to_h)
         conditioned = layer.position_bias(position, condition)
         plain = layer.position_bias(position, None)
         for bias, unconditioned, conv in zip(conditioned, plain, projections, strict=True):
-            torch.testing.assert_close(bias.expand(2, -1, 5, 7),
-                                       conv(base + condition).expand(2, -1, 5, 7), **CLOSE)
-            expected = conv(base) if position is not None else torch.zeros_like(conv(base))
-            torch.testing.assert_close(unconditioned.expand(1, -1, 5, 7),
-                                       expected.expand(1, -1, 5, 7), **CLOSE)
+            torch.testing.assert_close(bias.expand(2, 5, 7, -1),
+                                       as_conv(conv, base + condition).expand(2, 5, 7, -1),
+                                       **CLOSE)
+            expected = as_conv(conv, base)
+            expected = expected if position is not None else torch.zeros_like(expected)
+            torch.testing.assert_close(unconditioned.expand(1, 5, 7, -1),
+                                       expected.expand(1, 5, 7, -1), **CLOSE)
 
 
 def test_position_grid_is_the_embedding_cut_to_the_grid():
     model = make_prior(grid_size=8)
-    torch.testing.assert_close(model.position_grid(5, 7), model.position[:, :, :5, :7],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(model.position_grid(5, 7),
+                               model.position[:, :, :5, :7].permute(0, 2, 3, 1), rtol=0, atol=0)
     assert make_prior(grid_size=0).position_grid(5, 7) is None
 
 
@@ -168,7 +170,7 @@ def test_context_features_enter_each_layer_through_its_context_projections():
         without = layer.position_bias(position, None)
         for a, b, conv in zip(with_context, without, (layer.context_to_v, layer.context_to_h),
                               strict=True):
-            torch.testing.assert_close(a - b, conv(features), **CLOSE)
+            torch.testing.assert_close(a - b, as_conv(conv, features), **CLOSE)
     grid = torch.randint(10, (2, 5, 5))
     assert (model(grid, context=context) - model(grid)).abs().amax() > 1e-3
 
@@ -198,20 +200,25 @@ def test_without_a_context_encoder_there_are_no_context_features():
     assert model.context_features(torch.zeros(1, 4, 4, dtype=torch.long)) is None
 
 
+def as_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` itself on channels-last (B, H, W, C) features."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 # ----------------------------------------------------------------------- the layer's parts
 def test_gate_is_tanh_of_the_first_half_times_sigmoid_of_the_second():
-    x = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0, 100.0], dtype=torch.float64).view(1, 6, 1, 1)
-    expected = [0.0, math.tanh(1) * 0.5, math.tanh(-1) * 1.0]
-    torch.testing.assert_close(gate(x).flatten(), torch.tensor(expected, dtype=torch.float64),
-                               **CLOSE)
+    x = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0, 100.0], dtype=torch.float64)
+    expected = torch.tensor([0.0, math.tanh(1) * 0.5, math.tanh(-1) * 1.0], dtype=torch.float64)
+    torch.testing.assert_close(gate(x.view(1, 1, 1, 6)).flatten(), expected, **CLOSE)
+    torch.testing.assert_close(gate(x.view(1, 6, 1, 1), dim=1).flatten(), expected, **CLOSE)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_pointwise_is_the_1x1_convolution_forwards_and_backwards(bias):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(5, 7, 1, bias=bias).double()
-    x = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
-    expected = conv(x)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)  # channels last
+    expected = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     out = pointwise(conv, x)
     torch.testing.assert_close(out, expected, **CLOSE)
     grad = torch.randn_like(out)
@@ -222,8 +229,8 @@ def test_pointwise_is_the_1x1_convolution_forwards_and_backwards(bias):
 
 
 def test_shift_down_moves_each_row_one_down_and_fills_row_zero_with_zeros():
-    x = torch.arange(1.0, 13.0).view(1, 1, 3, 4)
-    expected = torch.tensor([[0.0] * 4, [1.0, 2, 3, 4], [5.0, 6, 7, 8]]).view(1, 1, 3, 4)
+    x = torch.arange(1.0, 13.0).view(1, 3, 4, 1)  # (B, H, W, C)
+    expected = torch.tensor([[0.0] * 4, [1.0, 2, 3, 4], [5.0, 6, 7, 8]]).view(1, 3, 4, 1)
     assert torch.equal(shift_down(x), expected)
 
 
@@ -240,16 +247,16 @@ def test_gated_layer_geometry(kernel, dilation, first, reach, pad):
 
 def test_the_horizontal_output_adds_the_input_except_in_the_first_layer():
     torch.manual_seed(0)
-    v = torch.randn(2, 4, 5, 6, dtype=torch.float64)
-    h = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    v = torch.randn(2, 5, 6, 4, dtype=torch.float64)  # (B, H, W, C)
+    h = torch.randn(2, 5, 6, 4, dtype=torch.float64)
     for first in (True, False):
         layer = GatedLayer(4, 3, 2, first).double()
         bias = layer.position_bias(None, None)
         v_out, h_out = layer(v, h, bias)
-        assert v_out.shape == h_out.shape == (2, 4, 5, 6)
+        assert v_out.shape == h_out.shape == (2, 5, 6, 4)
         # the first layer never reads a site's own input: its last column is read by none
         changed = h.clone()
-        changed[:, :, :, -1] += 1.0
+        changed[:, :, -1] += 1.0
         moved = layer(v, changed, bias)[1] - h_out
         assert (torch.count_nonzero(moved) == 0) == first
         with torch.no_grad():  # with its output convolution silenced, what is left

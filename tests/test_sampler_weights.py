@@ -67,17 +67,17 @@ def test_head_matrices_give_the_head():
 def test_site_biases_fold_both_convolution_biases_into_the_horizontal_term(batched):
     layer = make_layer(3, 2, False)
     height, width, batch = 3, 4, 2
-    bias_v = randn(1, 2 * C, height, width)
-    bias_h = randn(batch, 2 * C, 1, 1) if batched else randn(1, 2 * C, height, width)
+    bias_v = randn(1, height, width, 2 * C)  # channels last, as the layers make them
+    bias_h = randn(batch, 1, 1, 2 * C) if batched else randn(1, height, width, 2 * C)
     site_v, site_h = site_biases(layer, bias_v, bias_h, height, width)
     assert site_v.shape == (1, 2 * C, height, width)
     assert site_h.shape == (height, width, batch if batched else 1, 2 * C)
-    torch.testing.assert_close(site_v, bias_v, rtol=0, atol=0)
+    torch.testing.assert_close(site_v, bias_v.permute(0, 3, 1, 2), rtol=0, atol=0)
     assert not site_h.requires_grad  # detached biases in, no graph to the layer's weights out
     # what the layer adds at a site: h_conv's and v_to_h's biases and the stack's own bias
     h_in = randn(batch, C, height, width + layer.reach)
     v_above = randn(batch, 2 * C, height, width)
-    full = layer.h_conv(h_in)[..., :width] + layer.v_to_h(v_above) + bias_h
+    full = layer.h_conv(h_in)[..., :width] + layer.v_to_h(v_above) + bias_h.permute(0, 3, 1, 2)
     no_bias = (F.conv2d(h_in, layer.h_conv.weight, dilation=layer.dilation)[..., :width]
                + F.conv2d(v_above, layer.v_to_h.weight))
     torch.testing.assert_close(no_bias + site_h.permute(2, 3, 0, 1), full, **CLOSE)
@@ -125,4 +125,4 @@ def test_vertical_matrix_gives_the_vertical_convolution_on_patches(kernel, dilat
     x = randn(3, C, 1 + (t - 1) * dilation, 1 + (k - 1) * dilation)  # one site's field
     patches = x[:, :, ::dilation, ::dilation].permute(0, 2, 3, 1)  # (B, T, k, C)
     got = patches.reshape(3, -1) @ _vertical_matrix(layer) + layer.v_conv.bias
-    torch.testing.assert_close(got, layer.vertical(x)[:, :, 0, 0], **CLOSE)
+    torch.testing.assert_close(got, layer.v_conv(x)[:, :, 0, 0], **CLOSE)

@@ -59,12 +59,13 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = h.shape
-        x = self.norm(h.flatten(2).transpose(1, 2))  # (B, N, C)
+        """(B, H, W, C) horizontal stack, channels last as the prior keeps it."""
+        b, height, width, c = h.shape
+        x = self.norm(h.reshape(b, height * width, c))  # (B, N, C)
         q, k, v = self.qkv(x).view(b, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, N, d)
         y = self.out(y.transpose(1, 2).reshape(b, height * width, -1))
-        return h + y.transpose(1, 2).reshape(b, c, height, width)
+        return h + y.view(b, height, width, c)
 
 
 class AttentionPixelCNN(PixelCNN):
@@ -78,15 +79,14 @@ class AttentionPixelCNN(PixelCNN):
 
     def forward(self, indices: torch.Tensor, positions: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embedding(indices).permute(0, 3, 1, 2)  # (B, C, H, W)
-        v, h = x, x
+        v = h = self.embedding(indices)  # (B, H, W, C)
         condition = self.slice_condition(positions, len(indices))
         biases = self.position_biases(*indices.shape[1:], condition, context)
         for i, (layer, bias) in enumerate(zip(self.layers, biases, strict=True)):
             v, h = layer(v, h, bias)
             if i in self.after:
                 h = self.attention[self.after.index(i)](h)
-        return self.logits(h)
+        return self.logits(h).permute(0, 3, 1, 2)
 
 
 def make_prior(cfg: PriorConfig, after: tuple[int, ...], codebook: torch.Tensor,

@@ -62,8 +62,8 @@ class Target:
 
 QUANTISER_AND_PRIOR = (
     "VectorQuantiser", "at_least_fp32", "_random_rows", "ChannelNorm", "VQVAE", "gate",
-    "shift_down", "GatedLayer", "_zero_conv", "PixelCNN", "ContextEncoder", "bits",
-    "principal_components")
+    "pointwise", "conv_channels_last", "shift_down", "GatedLayer", "_zero_conv", "PixelCNN",
+    "ContextEncoder", "bits", "principal_components")
 SAMPLER_TESTS = ("tests/test_modules.py", "tests/test_graph_sampler.py",
                  "tests/test_particles.py")
 TARGETS = {t.path: t for t in (

@@ -220,12 +220,12 @@ class _StaticSampler:
         """Write the condition terms of (B,) relative slice positions into their buffers."""
         if not self.conditioned:
             return
-        condition = prior.slice_condition(positions, self.grid.shape[0])  # (B, C, 1, 1)
+        condition = prior.slice_condition(positions, self.grid.shape[0])  # (B, 1, 1, C)
         for layer, out_v, out_h in zip(self.layers, self.condition_v, self.condition_h,
                                        strict=True):
-            term_v, term_h = layer.condition_bias(condition)  # (B, 2C, 1, 1) each
-            out_v.copy_(term_v[:, :, 0, 0])
-            out_h.copy_(term_h[:, :, 0, 0])
+            term_v, term_h = layer.condition_bias(condition)  # (B, 1, 1, 2C) each
+            out_v.copy_(term_v.flatten(1))
+            out_h.copy_(term_h.flatten(1))
 
     def _slot_number(self, i: int, p: int) -> int:
         d = self.layers[i].dilation

@@ -177,7 +177,7 @@ class _SamplingCache:
         self.output = zeros(width, b, c)  # the last layer's horizontal stack along the row
         # per layer: (1 or B, 2C, H, W); (H, W, 1 or B, 2C) with both conv biases
         self.v_bias, self.h_bias = [], []
-        condition = model.slice_condition(positions, b)  # (B, C, 1, 1) or None
+        condition = model.slice_condition(positions, b)  # (B, 1, 1, C) or None
         for layer, biases in zip(self.layers, model.position_biases(height, width, condition),
                                  strict=True):
             bias_v, bias_h = site_biases(layer, *biases, height, width)
@@ -259,10 +259,10 @@ class _SamplingCache:
         for i, layer in enumerate(self.layers):
             pad = layer.reach
             self.v_in[i][:, :, start + pad: stop + pad, pad: pad + width] = x
-            v_pre = (layer.vertical(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
+            v_pre = (layer.v_conv(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
                      + self.v_bias[i][:, :, start: stop])
             self.v_above[i] = v_pre[:, :, -1:]
-            x = gate(v_pre)
+            x = gate(v_pre, dim=1)
 
 
 # ------------------------------------------- the prior's weights rearranged for site-by-site use
@@ -286,12 +286,13 @@ def head_matrices(prior: PixelCNN) -> tuple[torch.Tensor, ...]:
 
 def site_biases(layer: GatedLayer, bias_v: torch.Tensor, bias_h: torch.Tensor, height: int,
                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's stack biases, (1 or B, 2C, 1 or H, 1 or W) each, as the terms added at each
-    site: vertical (1 or B, 2C, H, W); horizontal with the two convolutions' own biases folded
-    in, (H, W, 1 or B, 2C), so that a row's terms are one slice."""
-    constant = (layer.h_conv.bias + layer.v_to_h.bias).detach().view(1, -1, 1, 1)
-    return (bias_v.expand(-1, -1, height, width),
-            (bias_h + constant).expand(-1, -1, height, width).permute(2, 3, 0, 1))
+    """A layer's stack biases, (1 or B, 1 or H, 1 or W, 2C) each (`GatedLayer.position_bias`),
+    as the terms added at each site: vertical (1 or B, 2C, H, W), the layout of the cache's
+    vertical stacks; horizontal with the two convolutions' own biases folded in,
+    (H, W, 1 or B, 2C), so that a row's terms are one slice."""
+    constant = layer.h_conv.bias + layer.v_to_h.bias
+    return (bias_v.expand(-1, height, width, -1).permute(0, 3, 1, 2),
+            (bias_h + constant.detach()).expand(-1, height, width, -1).permute(1, 2, 0, 3))
 
 
 def check_sample_input(indices: torch.Tensor, n_codes: int) -> torch.Tensor:
