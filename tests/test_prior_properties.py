@@ -16,6 +16,7 @@ from modules import (
     PixelCNN,
     PriorConfig,
     bits,
+    conv_channels_last,
     gate,
     pointwise,
     principal_components,
@@ -302,3 +303,34 @@ def test_embed_like_puts_the_scaled_leading_components_in_the_first_channels():
         assert n == min(channels, dim, 10)
         torch.testing.assert_close(model.embedding.weight[:, :n], components * before.std())
         assert torch.equal(model.embedding.weight[:, n:], before[:, n:])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_gated_layer_equals_its_definition_on_nchw_features(first):
+    """The channels-last layer computes what the gated layer's equations say, written here with
+    the layer's own convolutions on (B, C, H, W) tensors."""
+    torch.manual_seed(0)
+    layer = GatedLayer(4, 3, 2, first).double()
+    v, h = torch.randn(2, 2, 4, 5, 6, dtype=torch.float64)  # (B, C, H, W) each
+    bias_v, bias_h = torch.randn(2, 2, 8, 5, 6, dtype=torch.float64)  # (B, 2C, H, W) each
+    r, width = layer.reach, v.shape[-1]
+    v_pre = layer.v_conv(F.pad(v, (r, r, r, 0))) + bias_v
+    h_pre = layer.h_conv(F.pad(h, (layer.h_pad, 0, 0, 0))[..., : width + r]) + bias_h
+    above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # row r sees the vertical stack's row r − 1
+    h_new = layer.h_out(gate(h_pre + layer.v_to_h(above), dim=1))
+    expected = (gate(v_pre, dim=1), h_new if first else h + h_new)
+
+    def last(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+    got = layer(last(v), last(h), (last(bias_v), last(bias_h)))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, last(b), **CLOSE)
+
+
+def test_conv_channels_last_is_the_convolution_in_another_layout():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, (2, 3), dilation=2).double()
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    got = conv_channels_last(conv, x.permute(0, 2, 3, 1))
+    torch.testing.assert_close(got, conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
