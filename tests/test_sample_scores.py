@@ -292,3 +292,26 @@ def test_the_whole_slice_encoder_sees_each_slice_beside_its_left_right_differenc
     assert x[:2, 1].abs().max() == 0 and x[2:, 1].abs().max() > 0.5
     assert encoder.eval()(x).shape == (4,)
     assert encoder.features(x).shape == (4, sample_scores.FEATURES)
+
+
+def test_fit_takes_the_same_steps_as_the_per_tensor_adam_loop(monkeypatch):
+    """fit's multi-tensor Adam step changes no score, only the time."""
+    x = torch.randn(24, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(24, generator=torch.Generator().manual_seed(1))
+
+    def weights(epochs: int) -> list[torch.Tensor]:
+        with sample_scores.seeded_torch(0, 1):
+            model = sample_scores.SliceEncoder(16, features=8, widths=(4, 8))
+            if epochs:
+                model = sample_scores.fit(model, x, target, torch.nn.functional.l1_loss,
+                                          epochs=epochs, batch_size=8, lr=1e-2)
+        return [p.detach().clone() for p in model.parameters()]
+
+    ours, untrained = weights(2), weights(0)
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam",
+                        lambda params, **kw: adam(params, **{**kw, "foreach": False}))
+    reference = weights(2)
+    assert not all(torch.equal(a, b) for a, b in zip(ours, untrained, strict=True))
+    for a, b in zip(ours, reference, strict=True):
+        assert torch.equal(a, b)

@@ -126,7 +126,8 @@ def fit(model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss,
 
     No augmentation: flips and shifts teach a model to ignore where structures lie, which is
     what tells anatomy (and a slice's level) apart."""
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    # the multi-tensor step: the same updates as the per-tensor loop, bit for bit, in less time
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     steps = epochs * -(-len(x) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps)
     model.train()
