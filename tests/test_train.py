@@ -144,8 +144,10 @@ def test_an_unknown_decay_is_refused():
         StageSettings(epochs=1, batch_size=1, lr=1.0, lr_decay="step")
 
 
-def test_prior_lr_decay_flag_overrides_the_preset():
+def test_lr_decay_flags_override_the_preset_stage_by_stage():
+    demo = PROFILES["demo"]
+    assert demo.prior_stage.lr_decay == demo.vqvae_stage.lr_decay == "linear"
     profile = resolve_profile(parse_args(["--prior-lr-decay", "cosine"]))
-    assert PROFILES["demo"].prior_stage.lr_decay == "linear"
-    assert profile.prior_stage.lr_decay == "cosine"
-    assert profile.vqvae_stage.lr_decay == "cosine"
+    assert (profile.prior_stage.lr_decay, profile.vqvae_stage.lr_decay) == ("cosine", "linear")
+    profile = resolve_profile(parse_args(["--vqvae-lr-decay", "cosine"]))
+    assert (profile.prior_stage.lr_decay, profile.vqvae_stage.lr_decay) == ("linear", "cosine")

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=Path(DEFAULT_RUN))
     p.add_argument("--out", type=Path, required=True, help="the copy with the refined decoder")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate, decayed as the run's VQ-VAE stage decayed its own")
     p.add_argument("--data", type=Path, help="the run's data root (default: the checkpoint's)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
