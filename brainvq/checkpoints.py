@@ -29,11 +29,17 @@ def refuse_overwrite(run: Path, stage: str, overwrite: bool, resume: bool) -> No
                        f"--overwrite to start again, or --out NEW_DIR")
 
 
+# Config fields added after checkpoints were first saved, with the value that a checkpoint
+# without the field was trained with.
+SAVED_BEFORE: dict[type, dict[str, Any]] = {PriorConfig: {"vertical_residual": False}}
+
+
 def rebuild(path: Path, model_class: type, config_class: type,
             device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A model rebuilt from its checkpoint alone (config + weights), in eval mode."""
     state = load_checkpoint(path)
-    model = model_class(config_class(**state["model_config"]))
+    model = model_class(config_class(**{**SAVED_BEFORE.get(config_class, {}),
+                                        **state["model_config"]}))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -5,11 +5,14 @@ projections, the context encoder's features are zero for an all-hidden grid, and
 the row shift compute what they say. float64: the comparisons hold under every CPU kernel set.
 (Causality and the receptive field are checked in test_modules.py.)"""
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from brainvq.checkpoints import load_prior
+from brainvq.io_utils import save_checkpoint
 from modules import (
     ContextEncoder,
     GatedLayer,
@@ -306,11 +309,13 @@ def test_embed_like_puts_the_scaled_leading_components_in_the_first_channels():
 
 
 @pytest.mark.parametrize("first", [True, False])
-def test_gated_layer_equals_its_definition_on_nchw_features(first):
+@pytest.mark.parametrize("vertical_residual", [True, False])
+def test_gated_layer_equals_its_definition_on_nchw_features(first, vertical_residual):
     """The channels-last layer computes what the gated layer's equations say, written here with
-    the layer's own convolutions on (B, C, H, W) tensors."""
+    the layer's own convolutions on (B, C, H, W) tensors: the vertical output adds its input
+    where the stack is residual, which the first layer never is."""
     torch.manual_seed(0)
-    layer = GatedLayer(4, 3, 2, first).double()
+    layer = GatedLayer(4, 3, 2, first, vertical_residual=vertical_residual).double()
     v, h = torch.randn(2, 2, 4, 5, 6, dtype=torch.float64)  # (B, C, H, W) each
     bias_v, bias_h = torch.randn(2, 2, 8, 5, 6, dtype=torch.float64)  # (B, 2C, H, W) each
     r, width = layer.reach, v.shape[-1]
@@ -318,7 +323,9 @@ def test_gated_layer_equals_its_definition_on_nchw_features(first):
     h_pre = layer.h_conv(F.pad(h, (layer.h_pad, 0, 0, 0))[..., : width + r]) + bias_h
     above = F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1]  # row r sees the vertical stack's row r − 1
     h_new = layer.h_out(gate(h_pre + layer.v_to_h(above), dim=1))
-    expected = (gate(v_pre, dim=1), h_new if first else h + h_new)
+    v_new = gate(v_pre, dim=1)
+    expected = (v + v_new if vertical_residual and not first else v_new,
+                h_new if first else h + h_new)
 
     def last(x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1)
@@ -334,3 +341,22 @@ def test_conv_channels_last_is_the_convolution_in_another_layout():
     x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
     got = conv_channels_last(conv, x.permute(0, 2, 3, 1))
     torch.testing.assert_close(got, conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+
+def test_a_checkpoint_saved_without_the_vertical_residual_field_loads_without_it(tmp_path):
+    """Checkpoints from before `vertical_residual` existed were trained without it: loaded, they
+    compute what they computed then, not what the field's default now means."""
+    torch.manual_seed(0)
+    cfg = PriorConfig(n_codes=10, channels=8, dilations=(1, 2, 1), vertical_residual=False)
+    old = PixelCNN(cfg).eval()
+    saved = {k: v for k, v in asdict(cfg).items() if k != "vertical_residual"}
+    save_checkpoint({"model": old.state_dict(), "model_config": saved}, tmp_path / "prior.pt")
+    loaded = load_prior(tmp_path / "prior.pt", torch.device("cpu"))
+    residual = PixelCNN(PriorConfig(**{**saved, "vertical_residual": True})).eval()
+    residual.load_state_dict(old.state_dict())
+    indices = torch.randint(10, (2, 6, 6))
+    assert PriorConfig().vertical_residual and not loaded.cfg.vertical_residual
+    with torch.no_grad():  # the same weights through the same kernels
+        assert torch.equal(loaded(indices), old(indices))
+        assert not torch.allclose(residual(indices), old(indices))  # what the default would give

@@ -350,7 +350,7 @@ class _StaticSampler:
                 v_pre += self.condition_v[i][:, None, None]
             self.v_above[i] = v_pre[:, -1]
             a, g = v_pre.chunk(2, dim=-1)
-            x = torch.tanh(a) * torch.sigmoid(g)
+            x = layer.vertical_output(x, torch.tanh(a) * torch.sigmoid(g))
 
 
 def _vertical_matrix(layer: GatedLayer) -> torch.Tensor:

@@ -262,7 +262,7 @@ class _SamplingCache:
             v_pre = (layer.v_conv(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
                      + self.v_bias[i][:, :, start: stop])
             self.v_above[i] = v_pre[:, :, -1:]
-            x = gate(v_pre, dim=1)
+            x = layer.vertical_output(x, gate(v_pre, dim=1))
 
 
 # ------------------------------------------- the prior's weights rearranged for site-by-site use
