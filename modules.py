@@ -288,27 +288,21 @@ class PriorConfig:
     # One gated layer per entry. Doubling dilations let the last site see the whole 32×32 grid
     # (vertical reach = Σ dilation·(k//2) = 32 rows), the dilation-1 layers keep coverage gap-free.
     dilations: tuple[int, ...] = field(default_factory=lambda: (1, 2, 4, 8, 1, 2, 4, 8, 1, 1))
-    # Largest grid side with a learned per-site position bias in every layer (0: none). Slices
-    # are centred, so where a site is says much about its code; convolutions alone cannot
-    # see that beyond their reach of the top and left borders.
+    # Largest grid side with a learned per-site position bias in every layer (0: none): slices
+    # are centred, so where a site is says much about its code, beyond the convolutions' reach.
     grid_size: int = 32
-    # Slice-position conditioning (van den Oord et al. 2016, conditional PixelCNN): a grid's
-    # relative axial position (0: lowest slice of its volume, 1: highest) picks a learned
-    # vector, interpolated between `slice_bins` evenly spaced ones, that every gated layer adds
-    # through its position projections; grids of unknown position get a learned "unknown"
-    # vector. 0: unconditioned.
+    # Slice-position conditioning (conditional PixelCNN): a grid's relative axial position (0:
+    # lowest slice, 1: highest) picks a vector interpolated between `slice_bins` learned ones,
+    # added in every layer; unknown positions get a learned "unknown" vector. 0: unconditioned.
     slice_bins: int = 0
-    # Whole-context conditioning: a non-causal encoder of width `context_channels` reads a
-    # grid of given indices (−1: hidden) and every gated layer adds its features, so a hole's
-    # sites also see the context after them in raster order (below and right of the hole),
-    # which the autoregressive factors never do. Given nothing, it adds nothing: the plain
-    # prior. context_probe.py trains one on a trained prior to measure what that context
-    # tells about a hole. 0: no encoder (the presets).
+    # Whole-context conditioning: a non-causal encoder of width `context_channels` reads given
+    # indices (−1: hidden) and every layer adds its features, so a hole's sites also see the
+    # context after them; given nothing, it adds nothing (tools/context_probe.py). 0: none.
     context_channels: int = 0
     context_dilations: tuple[int, ...] = field(default_factory=lambda: (1, 2, 4, 8))
-    # Layers after the first add their vertical input to its gated output, as the horizontal
-    # stack does (docs/experiments.md#a-residual-vertical-stack: ~0.04 fewer in-brain bits).
-    # False: van den Oord et al.'s stack, which checkpoints saved without this field have.
+    # A residual vertical stack whose output the horizontal stack reads a row down: ~0.13 fewer
+    # in-brain bits in the same time (docs/experiments.md#a-residual-vertical-stack). False:
+    # van den Oord et al.'s layer, which checkpoints saved without this field have.
     vertical_residual: bool = True
 
     def __post_init__(self) -> None:
@@ -346,9 +340,8 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot, on
-    channels-last (B, H, W, C) stacks: the layout in which a CPU runs the prior's training step
-    fastest (docs/performance.md#the-priors-training-step).
+    """One gated PixelCNN layer (van den Oord et al. 2016) without a blind spot, on channels-last
+    (B, H, W, C) stacks, which a CPU trains fastest (docs/performance.md#the-priors-training-step).
 
     The vertical stack at row r sees rows ≤ r; it reaches the horizontal stack shifted one row
     down, so the horizontal stack at (r, c) sees rows < r plus row r at columns ≤ c. In the
@@ -360,12 +353,12 @@ class GatedLayer(nn.Module):
                  context: int = 0, vertical_residual: bool = False) -> None:
         super().__init__()
         self.first, self.dilation = first, dilation
-        self.vertical_residual = vertical_residual and not first  # layer 0's v sees later sites
+        self.vertical_residual = vertical_residual
         self.half = kernel_size // 2
         c = channels
         self.v_conv = nn.Conv2d(c, 2 * c, (self.half + 1, kernel_size), dilation=dilation)
         self.h_conv = nn.Conv2d(c, 2 * c, (1, self.half + 1), dilation=dilation)
-        self.v_to_h = nn.Conv2d(2 * c, 2 * c, 1)
+        self.v_to_h = nn.Conv2d(c if vertical_residual else 2 * c, 2 * c, 1)
         self.h_out = nn.Conv2d(c, c, 1)
         self.position_to_v = nn.Conv2d(c, 2 * c, 1)
         self.position_to_h = nn.Conv2d(c, 2 * c, 1)
@@ -391,13 +384,20 @@ class GatedLayer(nn.Module):
         v_pre = conv_channels_last(self.v_conv, F.pad(v, (0, 0, r, r, r, 0))) + bias[0]
         h_in = F.pad(h, (0, 0, self.h_pad, 0))[:, :, : h.shape[2] + r]
         h_pre = conv_channels_last(self.h_conv, h_in) + bias[1]
-        h_new = pointwise(self.h_out, gate(h_pre + pointwise(self.v_to_h, shift_down(v_pre))))
-        return self.vertical_output(v, gate(v_pre)), h_new if self.first else h + h_new
+        v_out = self.vertical_output(v, gate(v_pre))
+        link = pointwise(self.v_to_h, shift_down(self.vertical_link(v_pre, v_out)))
+        h_new = pointwise(self.h_out, gate(h_pre + link))
+        return v_out, h_new if self.first else h + h_new
 
     def vertical_output(self, v: torch.Tensor, gated: torch.Tensor) -> torch.Tensor:
-        """The next layer's vertical stack from this layer's input `v` and its gated output
-        (any layout, the same for both)."""
-        return v + gated if self.vertical_residual else gated
+        """The next vertical stack from this layer's input and gated output (one layout). The
+        first layer's input, the embedding, sees the row's later sites: it is never added."""
+        return v + gated if self.vertical_residual and not self.first else gated
+
+    def vertical_link(self, v_pre: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+        """What the horizontal stack reads of the vertical one, a row down: the residual
+        stack's output (C channels), or van den Oord et al.'s pre-activations (2C)."""
+        return v_out if self.vertical_residual else v_pre
 
     def position_bias(self, position: torch.Tensor | None, condition: torch.Tensor | None = None,
                       context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,10 @@ from brainvq.inference.sampling import inverse_cdf, sample, sites_to_fill
 from modules import PixelCNN, PriorConfig
 
 TINY = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1))
-# Wider taps, a dilated first layer (its taps then live in several slot phases), no positions.
-ODD = PriorConfig(n_codes=32, channels=12, kernel_size=5, dilations=(2, 1, 3), grid_size=0)
+# Wider taps, a dilated first layer (its taps then live in several slot phases), no positions,
+# and van den Oord et al.'s vertical stack (checkpoints saved before `vertical_residual`).
+ODD = PriorConfig(n_codes=32, channels=12, kernel_size=5, dilations=(2, 1, 3), grid_size=0,
+                  vertical_residual=False)
 # Slice-conditioned, with and without the per-site position embedding.
 CONDITIONED = PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 1), slice_bins=4)
 CONDITIONED_NO_GRID = PriorConfig(n_codes=32, channels=12, dilations=(2, 1), grid_size=0,

@@ -139,8 +139,9 @@ def test_bits_per_index_of_uniform_prior_is_log2_k():
     assert abs(bits.item() - 4.0) < 1e-5
 
 
-def test_fast_sampler_matches_naive_exactly_for_generation_and_inpainting():
-    model = random_prior(dilations=(1, 2, 4, 1))
+@pytest.mark.parametrize("vertical_residual", [True, False])
+def test_fast_sampler_matches_naive_exactly_for_generation_and_inpainting(vertical_residual):
+    model = random_prior(dilations=(1, 2, 4, 1), vertical_residual=vertical_residual)
     given = torch.randint(24, (3, 9, 7))
     square = given.clone()
     square[:, 3:6, 2:5] = -1

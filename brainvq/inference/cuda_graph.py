@@ -181,8 +181,8 @@ class _StaticSampler:
         # channels last, so a row's conv patches are one strided view: one copy, one matmul
         self.v_in = [zeros(b, layer.reach + height, width + 2 * layer.reach, c)
                      for layer in self.layers]
-        self.no_row_above = [zeros(b, width, 2 * c) for _ in self.layers]
-        self.v_above = list(self.no_row_above)  # each layer's v_pre at the last final row
+        self.no_row_above = [zeros(b, width, layer.v_to_h.in_channels) for layer in self.layers]
+        self.v_above = list(self.no_row_above)  # each layer's vertical link at the last final row
         self.terms = [zeros(width, b, 2 * c) for _ in self.layers]  # (W, B, 2C) per layer
         # (B, 2C) per layer: the slice condition's terms in the vertical and horizontal biases
         self.conditioned = prior.slice_embedding is not None
@@ -206,7 +206,7 @@ class _StaticSampler:
         self.w_taps_t = [w.t().contiguous() for w in self.w_taps]  # (2C, T·F)
         self.w_out = [_out_matrix(layer, self.f) for layer in self.layers]
         self.w_vertical = [_vertical_matrix(layer) for layer in self.layers]  # (T·k·C, 2C)
-        self.v_to_h = [conv_matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
+        self.v_to_h = [conv_matrix(layer.v_to_h) for layer in self.layers]  # (C or 2C, 2C)
         self.v_bias, self.h_bias = [], []  # (H, W, 2C); (H, W, 1, 2C) with both conv biases
         position = prior.position_grid(height, width)
         for layer in self.layers:
@@ -277,7 +277,7 @@ class _StaticSampler:
         embedded = F.embedding(self.grid[:, r].clamp(min=0), self.embedding)  # (B, W, C)
         self.first_row_h.index_copy_(1, self.first_row_at, embedded)
         for i in range(len(self.layers)):
-            above = self.v_above[i].transpose(0, 1)  # (W, B, 2C)
+            above = self.v_above[i].transpose(0, 1)  # (W, B, C or 2C)
             torch.add(above @ self.v_to_h[i], self.h_bias[i][r], out=self.terms[i])
             if self.conditioned:
                 self.terms[i] += self.condition_h[i]  # (B, 2C) over every column
@@ -348,9 +348,9 @@ class _StaticSampler:
             v_pre += self.v_bias[i][start:stop]  # (B, rows, W, 2C)
             if self.conditioned:
                 v_pre += self.condition_v[i][:, None, None]
-            self.v_above[i] = v_pre[:, -1]
             a, g = v_pre.chunk(2, dim=-1)
             x = layer.vertical_output(x, torch.tanh(a) * torch.sigmoid(g))
+            self.v_above[i] = layer.vertical_link(v_pre, x)[:, -1]
 
 
 def _vertical_matrix(layer: GatedLayer) -> torch.Tensor:

@@ -170,7 +170,8 @@ class _SamplingCache:
         zeros = self.embedding.new_zeros
         self.v_in = [zeros(b, c, layer.reach + height, width + 2 * layer.reach)
                      for layer in self.layers]
-        self.v_above = [zeros(b, 2 * c, 1, width) for _ in self.layers]  # last final row's v_pre
+        # the last final row's vertical link (`GatedLayer.vertical_link`)
+        self.v_above = [zeros(b, layer.v_to_h.in_channels, 1, width) for layer in self.layers]
         self.rows = [zeros(layer.h_pad + width, b, c) for layer in self.layers]
         self.row_terms = [zeros(width, b, 2 * c) for _ in self.layers]
         self.pre = [zeros(b, 2 * c) for _ in self.layers]  # a site's pre-activations, reused
@@ -183,7 +184,7 @@ class _SamplingCache:
             bias_v, bias_h = site_biases(layer, *biases, height, width)
             self.v_bias.append(bias_v)
             self.h_bias.append(bias_h)
-        self.v_to_h = [conv_matrix(layer.v_to_h) for layer in self.layers]  # (2C, 2C)
+        self.v_to_h = [conv_matrix(layer.v_to_h) for layer in self.layers]  # (C or 2C, 2C)
         self.w_taps = [tap_matrices(layer) for layer in self.layers]  # (T, C, 2C)
         self.head_weights = head_matrices(model)
         self.steps = [self._site_plan(col) for col in range(width)]
@@ -209,7 +210,7 @@ class _SamplingCache:
         embedded = F.embedding(self.grid[:, r].clamp(min=0), self.embedding)  # (B, W, C)
         self.rows[0][first.h_pad:] = embedded.transpose(0, 1)
         for i in range(len(self.layers)):
-            above = self.v_above[i][:, :, 0].permute(2, 0, 1)  # (W, B, 2C)
+            above = self.v_above[i][:, :, 0].permute(2, 0, 1)  # (W, B, C or 2C)
             torch.add(above @ self.v_to_h[i], self.h_bias[i][r], out=self.row_terms[i])
 
     def advance(self, col: int) -> torch.Tensor:
@@ -261,8 +262,8 @@ class _SamplingCache:
             self.v_in[i][:, :, start + pad: stop + pad, pad: pad + width] = x
             v_pre = (layer.v_conv(self.v_in[i][:, :, start: stop + pad])  # (B, 2C, rows, W)
                      + self.v_bias[i][:, :, start: stop])
-            self.v_above[i] = v_pre[:, :, -1:]
             x = layer.vertical_output(x, gate(v_pre, dim=1))
+            self.v_above[i] = layer.vertical_link(v_pre, x)[:, :, -1:]
 
 
 # ------------------------------------------- the prior's weights rearranged for site-by-site use
