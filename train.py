@@ -1,12 +1,14 @@
-"""Train the VQ-VAE (stage 1), encode every split to code indices once, then train the gated
-PixelCNN prior on those indices (stage 2). Settings come from a preset (brainvq/config.py) that
-the flags below override; the run folder keeps them in config.json and in every checkpoint.
+"""Train the VQ-VAE (stage 1), encode every split to code indices once, train its decoder on
+alone from those frozen indices (stage 1b), then the gated PixelCNN prior on them (stage 2).
+Settings come from a preset (brainvq/config.py) that the flags below override; the run folder
+keeps them in config.json and in every checkpoint.
 
     python train.py                          # demo: the embedded MNI152-derived slices
     python train.py --data /path/to/OASIS --out runs/oasis --profile full
     python train.py --data /path/to/volumes --spacing 1.0 --out runs/volumes
     python train.py --out runs/oasis --resume          # continue an interrupted run
     python train.py --out runs/oasis --stage prior --overwrite --prior-epochs 20
+    python train.py --out runs/oasis --stage decoder --overwrite --decoder-epochs 4
     torchrun --nproc_per_node=4 train.py --data /path/to/OASIS --profile full
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import dataset
 from brainvq import config
-from brainvq.checkpoints import CONFIG_FILE
+from brainvq.checkpoints import CONFIG_FILE, STAGES
 from brainvq.cli import script_parser
 from brainvq.data.demo import build_demo_dataset, demo_root
 from brainvq.data.slices import DatasetError
@@ -26,6 +28,10 @@ from brainvq.data.volumes import VOLUME_SPACING_MM
 from brainvq.distributed import DEVICES, init_distributed, is_main, leave_distributed, world
 from brainvq.io_utils import RunError
 from brainvq.training import engine, stages
+
+# the stages each --stage runs, in this order
+STAGES_OF = {"all": STAGES, "both": STAGES, "vqvae": ("vqvae", "decoder"),
+             "decoder": ("decoder",), "prior": ("prior",)}
 
 # ---- Edit these, or override them with --data and --out ---------------------------------------
 DATA_ROOT: str | None = None  # None: the embedded demo set (real MNI152 MRI), built on first use
@@ -41,12 +47,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(config.PROFILES), default=config.DEFAULT_PROFILE,
                    help="preset (config.py): 'demo' for a 2-core CPU, 'full' for a GPU and "
                         "OASIS, 'tiny' for a seconds-long smoke test")
-    p.add_argument("--stage", choices=["vqvae", "prior", "both"], default="both")
+    p.add_argument("--stage", choices=sorted(STAGES_OF), default="all",
+                   help="all (or both): every stage; vqvae: the VQ-VAE and its decoder's "
+                        "refinement; decoder: only that refinement; prior: only the prior "
+                        "(each reuses what the run holds of the others)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     override = p.add_argument_group("overrides of the preset")
     override.add_argument("--vqvae-epochs", type=int)
+    override.add_argument("--decoder-epochs", type=int,
+                          help="epochs of the decoder alone on the frozen code (0: none)")
     override.add_argument("--prior-epochs", type=int)
-    override.add_argument("--batch-size", type=int, help="both stages' global batch")
+    override.add_argument("--batch-size", type=int,
+                          help="the VQ-VAE's and the prior's global batch")
     override.add_argument("--n-codes", type=int, help="codebook size K")
     override.add_argument("--embedding-dim", type=int, help="code dimension D")
     override.add_argument("--beta", type=float, help="commitment loss weight")
@@ -104,9 +116,8 @@ def run_training(args: argparse.Namespace) -> Path:
                                 checkpoint_every=args.checkpoint_every,
                                 compile=args.compile)
     options.run.mkdir(parents=True, exist_ok=True)
-    for stage in ("vqvae", "prior") if args.resume else ():
-        if args.stage in (stage, "both"):
-            stages.refuse_other_schedule(options.run, stage, getattr(profile, f"{stage}_stage"))
+    for stage in STAGES_OF[args.stage] if args.resume else ():
+        stages.refuse_other_schedule(options.run, stage, getattr(profile, f"{stage}_stage"))
     splits = dataset.load_splits(data_root, spacing=args.spacing)
     data = {"data_root": str(data_root), "spacing": args.spacing}
     if is_main():
@@ -115,10 +126,13 @@ def run_training(args: argparse.Namespace) -> Path:
         config.write_run_config(options.run / CONFIG_FILE, args.profile, profile,
                                 {**data, "seed": args.seed, "device": str(device),
                                  "compile": args.compile})
-    if args.stage in ("vqvae", "both"):
+    todo = STAGES_OF[args.stage]
+    if "vqvae" in todo:
         stages.train_vqvae(profile.vqvae, profile.vqvae_stage, splits, options, device, data)
     indices = stages.encode_splits(options.run, splits, device, profile.prior_stage.mirror)
-    if args.stage in ("prior", "both"):
+    if "decoder" in todo and profile.decoder_stage.epochs:
+        stages.train_decoder(profile.decoder_stage, splits, indices, options, device)
+    if "prior" in todo:
         stages.train_prior(profile.prior, profile.prior_stage, indices, options, device)
     return options.run
 

@@ -12,7 +12,7 @@ from brainvq.positions import unknown_positions
 from dataset import Normalisation
 from modules import VQVAE, PixelCNN, PriorConfig, VQVAEConfig
 
-STAGES = ("vqvae", "prior")
+STAGES = ("vqvae", "decoder", "prior")  # in the order train.py runs them
 INDICES_FILE = "indices.pt"  # every split encoded by the best VQ-VAE: the prior's data
 CONFIG_FILE = "config.json"
 MIRRORED_TRAIN = "train_mirrored"  # indices.pt's split of mirrored training slices, if any
@@ -52,6 +52,21 @@ def load_vqvae(path: Path, device: torch.device) -> tuple[VQVAE, Normalisation, 
     """The VQ-VAE of a checkpoint, with the normalisation it was trained with."""
     model, state = rebuild(path, VQVAE, VQVAEConfig, device)
     return model, Normalisation.from_dict(state["normalisation"]), state
+
+
+def load_run_vqvae(run: Path, device: torch.device
+                   ) -> tuple[VQVAE, Normalisation, dict[str, Any]]:
+    """The run's VQ-VAE (vqvae_best.pt) with the decoder refined on its frozen code
+    (decoder_best.pt), where the run has one."""
+    model, norm, state = load_vqvae(checkpoint_path(run, "vqvae", "best"), device)
+    path = checkpoint_path(run, "decoder", "best")
+    if path.exists():
+        refined = load_checkpoint(path)
+        if not torch.equal(refined["codebook"], model.quantiser.codebook.cpu()):
+            raise RunError(f"{path} was refined on another VQ-VAE's code: refine this one's "
+                           "decoder (--stage decoder --overwrite)")
+        model.decoder.load_state_dict(refined["model"])
+    return model, norm, state
 
 
 def load_prior(path: Path, device: torch.device) -> PixelCNN:

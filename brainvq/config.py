@@ -1,5 +1,5 @@
 """Every setting in one place: the presets (`demo`, `tiny`, `full`), each whole (architecture and
-schedules of both stages), what `predict.py` does by default, and how flags override a preset.
+schedules of every stage), what `predict.py` does by default, and how flags override a preset.
 A run saves its resolved settings in RUN/config.json; checkpoints carry their stage's part."""
 from __future__ import annotations
 
@@ -47,21 +47,23 @@ class StageSettings:
 
 @dataclass(frozen=True)
 class Profile:
-    """A whole preset: both models' architecture and both stages' schedules."""
+    """A whole preset: both models' architecture and every stage's schedule."""
     vqvae: VQVAEConfig
     prior: PriorConfig
     vqvae_stage: StageSettings
+    # the VQ-VAE's decoder trained on alone, on the frozen code (0 epochs: not at all)
+    decoder_stage: StageSettings
     prior_stage: StageSettings
 
 
 PROFILES: dict[str, Profile] = {
     "demo": Profile(  # sized for a 2-core CPU: the README's first command in ≤ 15 minutes
-        # K = 128: a code of lower entropy, which the prior models better
-        # (docs/experiments.md#fewer-codes-what-the-prior-gains-from-a-lower-entropy-code)
-        vqvae=VQVAEConfig(hidden=(16, 32, 64), n_res_blocks=2, embedding_dim=64, n_codes=128,
+        # K = 96 codes of 32 dimensions: a code of lower entropy, which the prior models better
+        # (docs/experiments.md#the-bits-target-against-the-ssim-target-fewer-codes)
+        vqvae=VQVAEConfig(hidden=(16, 32, 64), n_res_blocks=2, embedding_dim=32, n_codes=96,
                           beta=0.25, ema=True, ema_decay=0.99, dead_code_steps=20),
         # width 32 for 6 epochs beat 48 for 3 (docs/experiments.md#a-narrower-prior-trained-longer)
-        prior=PriorConfig(n_codes=128, channels=32, kernel_size=3,
+        prior=PriorConfig(n_codes=96, channels=32, kernel_size=3,
                           dilations=(1, 2, 4, 8, 1, 2, 4, 8, 1, 1), grid_size=32,
                           slice_bins=16),
         # batch 4: a CPU's time per sample hardly depends on the batch, so small batches buy
@@ -70,6 +72,11 @@ PROFILES: dict[str, Profile] = {
         # (docs/experiments.md#the-learning-rates-decay)
         vqvae_stage=StageSettings(epochs=8, batch_size=4, lr=2e-3, ssim_weight=1.0, crop=128,
                                   crops_per_image=2, lr_decay="linear"),
+        # the decoder alone on the frozen code gives back the in-brain SSIM that K = 96 and
+        # 32 dimensions cost, without moving a single index
+        # (docs/experiments.md#the-decoder-alone-on-a-frozen-code)
+        decoder_stage=StageSettings(epochs=2, batch_size=16, lr=1e-3, ssim_weight=1.0,
+                                    crop=128, crops_per_image=2, lr_decay="linear"),
         # each training slice and its mirror image for 3 epochs beat the slices alone for 6, in
         # the same CPU time (docs/experiments.md#mirrored-training-slices)
         # linear decay: 0.02–0.05 fewer bits than the cosine in the same time
@@ -82,6 +89,8 @@ PROFILES: dict[str, Profile] = {
         prior=PriorConfig(n_codes=32, channels=16, dilations=(1, 2, 4, 8, 16, 1), slice_bins=4),
         vqvae_stage=StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1, crop=128,
                                   crops_per_image=2, ssim_weight=1.0),
+        decoder_stage=StageSettings(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, crop=128,
+                                    crops_per_image=2, ssim_weight=1.0),
         prior_stage=StageSettings(epochs=1, batch_size=8, lr=2e-3, warmup_steps=1,
                                   embed_from_codebook=True),
     ),
@@ -93,6 +102,9 @@ PROFILES: dict[str, Profile] = {
                           slice_bins=16),
         vqvae_stage=StageSettings(epochs=100, batch_size=32, lr=1e-3, warmup_steps=500,
                                   ssim_weight=1.0, lr_decay="linear"),
+        # the demo's rule, scaled (not measured on OASIS)
+        decoder_stage=StageSettings(epochs=10, batch_size=32, lr=5e-4, warmup_steps=100,
+                                    ssim_weight=1.0, lr_decay="linear"),
         prior_stage=StageSettings(epochs=50, batch_size=64, lr=1e-3, warmup_steps=500,
                                   embed_from_codebook=True, mirror=True, lr_decay="linear"),
     ),
@@ -101,6 +113,7 @@ PROFILES: dict[str, Profile] = {
 # Each training flag (argparse dest) and the preset fields it sets.
 FLAG_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "vqvae_epochs": (("vqvae_stage", "epochs"),),
+    "decoder_epochs": (("decoder_stage", "epochs"),),
     "prior_epochs": (("prior_stage", "epochs"),),
     "batch_size": (("vqvae_stage", "batch_size"), ("prior_stage", "batch_size")),
     "n_codes": (("vqvae", "n_codes"), ("prior", "n_codes")),

@@ -34,15 +34,16 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tiny_data_root,
                            "--batch-size", "4", "--seed", "1", "--device", "cpu"]
                           + ["--compile"] * compiled) == 0
         histories[compiled] = {stage: json.loads((run / f"history_{stage}.json").read_text())[-1]
-                               for stage in ("vqvae", "prior")}
+                               for stage in ("vqvae", "decoder", "prior")}
     # Fused kernels round differently, and a code choice may flip: close, not equal.
-    for stage, key in (("vqvae", "val_recon"), ("vqvae", "val_ssim"),
+    for stage, key in (("vqvae", "val_recon"), ("vqvae", "val_ssim"), ("decoder", "val_recon"),
                        ("prior", "val_bits_per_index")):
         eager, compiled = histories[False][stage][key], histories[True][stage][key]
         assert compiled == pytest.approx(eager, rel=0.02), (stage, key)
-    assert compiled_parts == ["encoder", "decoder", "PixelCNN"]  # the quantiser stays eager
+    # the quantiser stays eager; stage 1b compiles the decoder it trains
+    assert compiled_parts == ["encoder", "decoder", "Decoder", "PixelCNN"]
     # in-place compilation leaves the state-dict keys alone: the checkpoints load strictly
     device = torch.device("cpu")
-    checkpoints.load_vqvae(run / "vqvae_best.pt", device)
+    checkpoints.load_run_vqvae(run, device)
     checkpoints.load_prior(run / "prior_best.pt", device)
     assert json.loads((run / "config.json").read_text())["compile"] is True

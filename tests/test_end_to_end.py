@@ -50,8 +50,11 @@ def test_training_writes_checkpoints_logs_and_figures(trained_run):
         assert (trained_run / f"history_{stage}.csv").is_file()
         assert (trained_run / f"loss_{stage}.png").stat().st_size > 0
     assert "normalisation" in torch.load(trained_run / "vqvae_best.pt", weights_only=True)
+    decoder = torch.load(trained_run / "decoder_best.pt", weights_only=True)  # stage 1b
+    assert {"model", "codebook", "vqvae_epoch", "history"} <= set(decoder)
+    assert (trained_run / "loss_decoder.png").stat().st_size > 0
     assert sorted(p.name for p in (trained_run / "reconstructions").iterdir()) == [
-        "epoch_001.png", "epoch_002.png"]
+        "decoder_epoch_001.png", "epoch_001.png", "epoch_002.png"]
     indices = torch.load(trained_run / "indices.pt", weights_only=True)
     assert indices["train"].shape == (8, 32, 32)
     assert indices["test"].shape == (4, 32, 32)

@@ -34,7 +34,7 @@ def _train(data_root, out, *extra):
 
 def _weights(run):
     return {stage: torch.load(run / f"{stage}_last.pt", weights_only=True)["model"]
-            for stage in ("vqvae", "prior")}
+            for stage in ("vqvae", "decoder", "prior")}
 
 
 def _assert_bitwise_equal(a, b):

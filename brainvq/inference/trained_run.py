@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainvq.checkpoints import checkpoint_path, load_prior, load_vqvae
+from brainvq.checkpoints import checkpoint_path, load_prior, load_run_vqvae
 from brainvq.config import InpaintSettings
 from brainvq.data.slices import IMAGE_SIZE
 from brainvq.data.volumes import VOLUME_SPACING_MM
@@ -95,7 +95,7 @@ class Run:
 
     def __init__(self, run: Path, device: torch.device, sampler: str = "fast") -> None:
         self.path, self.device, self.sampler = run, device, sampler
-        self.vqvae, self.norm, state = load_vqvae(checkpoint_path(run, "vqvae", "best"), device)
+        self.vqvae, self.norm, state = load_run_vqvae(run, device)
         self.data_root = Path(state["data_root"])
         self.spacing = state.get("spacing", VOLUME_SPACING_MM)  # of volume data
         self.prior = load_prior(checkpoint_path(run, "prior", "best"), device)

@@ -1,4 +1,4 @@
-"""The training loop both stages share: deterministic batches, exact resume from any saved step,
+"""The training loop every stage shares: deterministic batches, exact resume from any saved step,
 graceful stops on SIGINT/SIGTERM, NaN guards, and data-parallel sums (torchrun)."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The two training stages: the VQ-VAE on the slices, every split encoded once into index grids
-(RUN/indices.pt), then the PixelCNN prior on those grids. Both run in `engine.fit`."""
+"""The training stages: the VQ-VAE on the slices, every split encoded once into index grids
+(RUN/indices.pt), the VQ-VAE's decoder alone on those frozen grids, then the PixelCNN prior on
+them. Each runs in `engine.fit`."""
 from __future__ import annotations
 
 import math
@@ -258,6 +259,9 @@ def train_vqvae(cfg: VQVAEConfig, settings: StageSettings, splits: dict[str, Sli
     """Stage 1 into options.run; `data` (the data root and spacing) goes into the checkpoints."""
     run = options.run
     refuse_overwrite(run, "vqvae", options.overwrite, options.resume)
+    if not options.resume:  # a decoder refined on an earlier VQ-VAE's code would not fit it
+        for which in ("last", "best"):
+            checkpoint_path(run, "decoder", which).unlink(missing_ok=True)
     train_images, val_images = splits["train"].images, splits["validate"].images
     norm = compute_normalisation(train_images)
     model = VQVAE(cfg).to(device).to(memory_format=torch.channels_last)
@@ -310,6 +314,67 @@ def report_codebook_usage(run: Path, grids: dict[str, torch.Tensor], n_codes: in
     print(f"codebook (K = {n_codes}): " + ", ".join(
         f"{name} {row['codes_used']} used ({row['codebook_usage']:.1%}), perplexity "
         f"{row['codebook_perplexity']:.1f}" for name, row in stats.items()), flush=True)
+
+
+# ----------------------------------------------------- stage 1b: the decoder on the frozen code
+def aligned_crops(images: torch.Tensor, grids: torch.Tensor, size: int, down: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random size × size crops of uint8 (B, H, W) `images` and the matching crops of their
+    (B, H / down, W / down) code `grids`, cut on the code's lattice."""
+    if not size or size >= images.shape[-1]:
+        return images, grids
+    offsets = crop_offsets(len(images), images.shape[-1], size, generator, lattice=down)
+    return crop_at(images, offsets, size), crop_at(grids, offsets // down, size // down)
+
+
+def train_decoder(settings: StageSettings, splits: dict[str, SliceSet], indices: dict[str, Any],
+                  options: RunOptions, device: torch.device) -> None:
+    """Stage 1b into options.run: the best VQ-VAE's decoder trained on alone from the training
+    slices' codes in `indices` (a run's indices.pt). The encoder and the codebook stay frozen,
+    so every index, and the prior trained on them, stays as it is."""
+    run = options.run
+    refuse_overwrite(run, "decoder", options.overwrite, options.resume)
+    with torch.random.fork_rng(devices=[]):  # the prior's initialisation stays the same
+        model, norm, state = load_vqvae(checkpoint_path(run, "vqvae", "best"), device)
+    model = model.to(memory_format=torch.channels_last)  # in eval mode: the codebook stays
+    images, grids = splits["train"].images, indices["train"]
+    val_images = splits["validate"].images
+    grid_images = val_images[evenly_spaced(len(val_images), N_GRID_IMAGES)]
+
+    def step(trained: torch.nn.Module, batch: torch.Tensor,
+             generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = batch % len(images)
+        crops, codes = aligned_crops(images[ids], grids[ids], settings.crop,
+                                     model.cfg.downsampling, generator)
+        x = to_model_input(shard(crops), norm, device)
+        with torch.no_grad():  # the codebook is frozen
+            latents = model.indices_to_latents(shard(codes).to(device).long())
+        with autocast(device):
+            reconstruction = at_least_fp32(
+                trained(latents.contiguous(memory_format=torch.channels_last)))
+        recon = F.mse_loss(reconstruction, x)
+        return {"loss": with_image_terms(recon, reconstruction, x, settings, norm),
+                "recon": recon}
+
+    def after_epoch(epoch: int, row: dict[str, float], history: list[dict[str, float]]) -> None:
+        save_reconstruction_grid(model, grid_images, norm, device,
+                                 run / "reconstructions" / f"decoder_epoch_{epoch:03d}.png")
+        write_history(run, "decoder", history, ["train_recon", "val_recon"], "MSE")
+        print(f"decoder epoch {epoch}: recon {row['train_recon']:.4f}/{row['val_recon']:.4f} "
+              f"val SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
+              f"({timing_text(row, n_crops, 'crops')})", flush=True)
+
+    n_crops = len(images) * settings.crops_per_image
+    stage = make_stage(
+        "decoder", model.decoder, settings, n_crops, options, device, step=step,
+        monitor="val_recon", after_epoch=after_epoch,
+        # the VQ-VAE's own validation: its reconstructions are decoded from the frozen code
+        evaluate=lambda: evaluate_vqvae(model, val_images, norm, device, settings.batch_size),
+        checkpoint_extra=lambda: {"model_config": asdict(model.cfg),
+                                  "stage_settings": asdict(settings),
+                                  "normalisation": norm.to_dict(), "vqvae_epoch": state["epoch"],
+                                  "codebook": model.quantiser.codebook.detach().cpu()})
+    engine.fit(stage, run, options.resume)
 
 
 # ------------------------------------------------------------------------ stage 2: PixelCNN
