@@ -88,3 +88,16 @@ def test_resuming_the_decoder_with_another_schedule_is_refused(refined_run, tiny
     assert train.main(["--data", str(tiny_data_root), "--out", str(refined_run), *TINY,
                        "--stage", "decoder", "--decoder-epochs", "5", "--resume"]) == 2
     assert "epochs 4 (now 5)" in capsys.readouterr().err
+
+
+def test_a_trained_runs_decoder_can_be_refined_again_alone(refined_run, tiny_data_root,
+                                                            tmp_path):
+    run = tmp_path / "again"
+    shutil.copytree(refined_run, run)
+    assert train.main(["--data", str(tiny_data_root), "--out", str(run), *TINY,
+                       "--stage", "decoder", "--decoder-epochs", "1", "--overwrite"]) == 0
+    assert len(load_checkpoint(checkpoint_path(run, "decoder", "last"))["history"]) == 1
+    for name in ("prior_best.pt", "vqvae_best.pt"):  # nothing else moves
+        assert (run / name).read_bytes() == (refined_run / name).read_bytes(), name
+    new, old = load_indices(run), load_indices(refined_run)
+    assert all(torch.equal(new[s], old[s]) for s in ("train", "validate", "test"))
