@@ -116,7 +116,8 @@ def run_training(args: argparse.Namespace) -> Path:
                                 checkpoint_every=args.checkpoint_every,
                                 compile=args.compile)
     options.run.mkdir(parents=True, exist_ok=True)
-    for stage in STAGES_OF[args.stage] if args.resume else ():
+    todo = STAGES_OF[args.stage]
+    for stage in todo if args.resume else ():
         stages.refuse_other_schedule(options.run, stage, getattr(profile, f"{stage}_stage"))
     splits = dataset.load_splits(data_root, spacing=args.spacing)
     data = {"data_root": str(data_root), "spacing": args.spacing}
@@ -126,7 +127,6 @@ def run_training(args: argparse.Namespace) -> Path:
         config.write_run_config(options.run / CONFIG_FILE, args.profile, profile,
                                 {**data, "seed": args.seed, "device": str(device),
                                  "compile": args.compile})
-    todo = STAGES_OF[args.stage]
     if "vqvae" in todo:
         stages.train_vqvae(profile.vqvae, profile.vqvae_stage, splits, options, device, data)
     indices = stages.encode_splits(options.run, splits, device, profile.prior_stage.mirror)
